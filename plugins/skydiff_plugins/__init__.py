@@ -1,0 +1,1 @@
+"""Built-in skydiff algorithms, each registered exactly like a third-party plugin."""
