@@ -1,10 +1,179 @@
-"""skydiff: astronomical difference imaging as a small core plus plugins."""
+"""skydiff: astronomical difference imaging as a small core plus plugins.
+
+This module is the public API: everything a user or a plugin author may rely on is importable
+from ``skydiff`` directly. Submodules whose names start with an underscore are private.
+
+Examples
+--------
+>>> import skydiff
+>>> exposure = skydiff.Exposure.from_arrays(
+...     [[0.0, 1.0, 0.0], [1.0, 4.0, 1.0], [0.0, 1.0, 0.0]], variance=1.0)
+>>> exposure.shape
+(3, 3)
+"""
 
 from importlib.metadata import PackageNotFoundError, version
+
+from skydiff._manager import (
+    BUILTIN_PLUGINS,
+    PluginManager,
+    SkydiffPluginWarning,
+    get_manager,
+    get_registries,
+    use_manager,
+)
+from skydiff.config import (
+    ChoiceField,
+    Config,
+    ConfigField,
+    ConfigurableField,
+    ConfigurableInstance,
+    Field,
+    ListField,
+    RangeField,
+    RegistryField,
+    RegistrySelection,
+    configclass,
+)
+from skydiff.convolve import FourierImage, convolve, direct_convolve, fft_convolve
+from skydiff.errors import (
+    AlgorithmError,
+    BadSubtractionError,
+    ConfigError,
+    InputError,
+    InsufficientKernelSourcesError,
+    NoKernelCandidatesError,
+    NoWorkFound,
+    PluginLoadError,
+    SkydiffError,
+)
+from skydiff.exposure import (
+    Exposure,
+    PhotoCalib,
+    VisitInfo,
+    estimate_variance,
+    robust_sigma,
+)
+from skydiff.hookspecs import hookimpl, hookspec
+from skydiff.kernel import BasisKernel, FixedKernel, Kernel, chebyshev_terms, spatial_functions
+from skydiff.mask import DEFAULT_PLANES, MaskPlanes
+from skydiff.pipeline import PipelineConfig
+from skydiff.psf import GaussianPsf, ImagePsf, PolynomialPsf, Psf, psf_fwhm_from_image
+from skydiff.registry import ROLES, PluginInfo, Registries, Registry, RoleInfo
+from skydiff.roles import (
+    ROLE_BASES,
+    Algorithm,
+    ClassificationResult,
+    DecorrelationResult,
+    Decorrelator,
+    DetectionResult,
+    Detector,
+    DipoleClassifier,
+    Executor,
+    ExecutorResult,
+    KernelBasisGenerator,
+    KernelBasisResult,
+    Measurement,
+    MeasurementInputs,
+    MeasurementResult,
+    Metric,
+    MetricInputs,
+    MetricResult,
+    PsfEstimationResult,
+    PsfEstimator,
+    Subtraction,
+    SubtractionResult,
+    TemplateGetter,
+    TemplateResult,
+)
+from skydiff.task import Task, TaskMetadata
 
 try:
     __version__ = version("skydiff")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "DEFAULT_PLANES",
+    "ROLES",
+    "ROLE_BASES",
+    "Algorithm",
+    "AlgorithmError",
+    "BadSubtractionError",
+    "BasisKernel",
+    "ChoiceField",
+    "ClassificationResult",
+    "Config",
+    "ConfigError",
+    "ConfigField",
+    "ConfigurableField",
+    "ConfigurableInstance",
+    "DecorrelationResult",
+    "Decorrelator",
+    "DetectionResult",
+    "Detector",
+    "DipoleClassifier",
+    "Executor",
+    "ExecutorResult",
+    "Exposure",
+    "Field",
+    "FixedKernel",
+    "FourierImage",
+    "GaussianPsf",
+    "ImagePsf",
+    "InputError",
+    "InsufficientKernelSourcesError",
+    "Kernel",
+    "KernelBasisGenerator",
+    "KernelBasisResult",
+    "ListField",
+    "MaskPlanes",
+    "Measurement",
+    "MeasurementInputs",
+    "MeasurementResult",
+    "Metric",
+    "MetricInputs",
+    "MetricResult",
+    "NoKernelCandidatesError",
+    "NoWorkFound",
+    "PhotoCalib",
+    "PipelineConfig",
+    "PluginInfo",
+    "PluginLoadError",
+    "PluginManager",
+    "PolynomialPsf",
+    "Psf",
+    "PsfEstimationResult",
+    "PsfEstimator",
+    "RangeField",
+    "Registries",
+    "Registry",
+    "RegistryField",
+    "RegistrySelection",
+    "RoleInfo",
+    "SkydiffError",
+    "SkydiffPluginWarning",
+    "Subtraction",
+    "SubtractionResult",
+    "Task",
+    "TaskMetadata",
+    "TemplateGetter",
+    "TemplateResult",
+    "VisitInfo",
+    "__version__",
+    "chebyshev_terms",
+    "configclass",
+    "convolve",
+    "direct_convolve",
+    "estimate_variance",
+    "fft_convolve",
+    "get_manager",
+    "get_registries",
+    "hookimpl",
+    "hookspec",
+    "psf_fwhm_from_image",
+    "robust_sigma",
+    "spatial_functions",
+    "use_manager",
+]

@@ -15,7 +15,7 @@ batch runs use.
 
 from __future__ import annotations
 
-from skydiff.config import Config, RegistryField, configclass
+from skydiff.config import Config, RegistryField, RegistrySelection, configclass
 
 __all__ = ["PipelineConfig"]
 
@@ -24,6 +24,6 @@ __all__ = ["PipelineConfig"]
 class PipelineConfig(Config):
     """Configuration of a skydiff pipeline run."""
 
-    executor = RegistryField("executor", default="serial",
+    executor: RegistrySelection = RegistryField("executor", default="serial",
                              doc="How many science/template pairs are processed: in turn "
                                  "(serial) or in local worker processes (processes).")

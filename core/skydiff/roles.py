@@ -79,7 +79,9 @@ class Algorithm(Task):
     """
 
     role: ClassVar[str] = ""
-    name: ClassVar[str] = ""
+    #: The registry name. On an instance, ``self.name`` is the task name instead (the config
+    #: field it was made from, e.g. ``"subtract"``); ``type(self).name`` stays the registry name.
+    name: str = ""
     tags: ClassVar[frozenset[str]] = frozenset()
     order: ClassVar[float] = 0.0
 

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_parser(subparsers, _add_common)
     from skydiff._manager import get_manager
 
-    get_manager().hook.skydiff_add_cli_commands(subparsers=subparsers)
+    # Each plugin's hook runs separately: one broken plugin is recorded, not fatal.
+    get_manager().add_cli_commands(subparsers)
     return parser
 
 
