@@ -6,7 +6,10 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from skydiff.config import Config
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +21,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                                          "-c executor.name=processes (repeatable)")
 
 
-def load_config(config_class: type, path: Path | None, overrides: list[str]) -> Any:
+def load_config(config_class: type[Config], path: Path | None, overrides: list[str]) -> Config:
     """Build ``config_class`` from defaults, an optional TOML file and dotted overrides."""
     config = config_class.load_toml(path) if path is not None else config_class()
     if overrides:
