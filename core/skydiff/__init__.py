@@ -45,6 +45,7 @@ from skydiff.errors import (
     NoKernelCandidatesError,
     NoWorkFound,
     PluginLoadError,
+    PsfEstimationError,
     SkydiffError,
 )
 from skydiff.exposure import (
@@ -144,6 +145,7 @@ __all__ = [
     "PluginManager",
     "PolynomialPsf",
     "Psf",
+    "PsfEstimationError",
     "PsfEstimationResult",
     "PsfEstimator",
     "RangeField",

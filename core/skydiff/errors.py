@@ -30,6 +30,7 @@ __all__ = [
     "NoKernelCandidatesError",
     "NoWorkFound",
     "PluginLoadError",
+    "PsfEstimationError",
     "SkydiffError",
 ]
 
@@ -106,3 +107,7 @@ class NoKernelCandidatesError(AlgorithmError):
 
 class BadSubtractionError(AlgorithmError):
     """The difference image fails a quality threshold (e.g. residual footprint ratio)."""
+
+
+class PsfEstimationError(AlgorithmError):
+    """Too few usable stars, or a failed fit, while estimating a PSF model from the image."""

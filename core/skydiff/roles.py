@@ -192,6 +192,11 @@ class SubtractionResult:
         The score (likelihood) image, when the method produces one.
     kernel_sources : astropy.table.Table or None
         The stars used to fit the kernel, with their fit status.
+    convolved : {"template", "science", "none"}
+        Which input the kernel convolved (``"none"`` for methods that filter both, e.g. ZOGY).
+    prefilter : ndarray of shape (P, P) or None
+        The filter the science image was convolved with before matching (the reflected science
+        PSF of the pre-convolution path), else ``None``.
     metadata : dict
         Scalars describing the subtraction.
     """
@@ -202,6 +207,9 @@ class SubtractionResult:
     background: np.ndarray | None = attrs.field(default=None, eq=False)
     score: Exposure | None = None
     kernel_sources: Table | None = attrs.field(default=None, eq=False)
+    convolved: str = attrs.field(
+        default="template", validator=attrs.validators.in_(("template", "science", "none")))
+    prefilter: np.ndarray | None = attrs.field(default=None, eq=False)
     metadata: dict[str, Any] = attrs.field(factory=dict, converter=_frozen_dict)
 
 
@@ -227,12 +235,15 @@ class DecorrelationResult:
     Attributes
     ----------
     difference : Exposure
-        The corrected difference (or score) image with its propagated variance and updated PSF.
+        The corrected difference image with its propagated variance and updated PSF.
+    score : Exposure or None
+        The corrected score image, for subtractions that produce one.
     metadata : dict
         Scalars describing the correction.
     """
 
     difference: Exposure
+    score: Exposure | None = None
     metadata: dict[str, Any] = attrs.field(factory=dict, converter=_frozen_dict)
 
 
