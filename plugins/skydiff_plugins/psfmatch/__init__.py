@@ -1,0 +1,1 @@
+"""PSF-matching kernel mathematics: bases, per-stamp and spatial least squares, statistics."""
