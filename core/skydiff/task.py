@@ -35,7 +35,9 @@ import abc
 import contextlib
 import logging
 import sys
+import threading
 import time
+import tracemalloc
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any, ClassVar
 
@@ -324,7 +326,10 @@ class Task(abc.ABC):
 
         Records ``<name>.wall_s`` (wall-clock seconds), ``<name>.cpu_s`` (CPU seconds of the
         process) and ``<name>.max_rss_mb`` (peak resident memory of the process so far, MiB;
-        not recorded where the :mod:`resource` module is missing). A repeated name
+        not recorded where the :mod:`resource` module is missing). While :mod:`tracemalloc` is
+        tracing (as ``skydiff bench`` does), ``<name>.peak_mb`` is the peak of traced memory
+        allocated during the block above what was allocated when it started (MiB; numpy
+        arrays are traced); nested timers each get their own correct peak. A repeated name
         overwrites the previous values.
 
         Parameters
@@ -334,6 +339,7 @@ class Task(abc.ABC):
         """
         wall_start = time.perf_counter()
         cpu_start = time.process_time()
+        peak = _PeakTracker.start()
         try:
             yield
         finally:
@@ -342,9 +348,46 @@ class Task(abc.ABC):
             rss = _max_rss_mb()
             if rss is not None:
                 self.metadata[f"{name}.max_rss_mb"] = rss
+            if peak is not None:
+                self.metadata[f"{name}.peak_mb"] = _PeakTracker.stop(peak) / 2**20
 
     def __repr__(self) -> str:
         return f"<{type(self).__qualname__} {getattr(self, 'full_name', '<unnamed>')!r}>"
+
+
+class _PeakTracker:
+    """Peak traced memory of nested blocks, although :mod:`tracemalloc` keeps one peak.
+
+    Starting a block records the process-wide peak so far and resets it; a block's peak is
+    then the largest of the current peak and every peak recorded by blocks that started
+    inside it.
+    """
+
+    _lock = threading.Lock()
+    _recorded: ClassVar[list[int]] = []
+    _depth = 0
+
+    @classmethod
+    def start(cls) -> tuple[int, int] | None:
+        if not tracemalloc.is_tracing():
+            return None
+        with cls._lock:
+            current, peak = tracemalloc.get_traced_memory()
+            cls._recorded.append(peak)
+            cls._depth += 1
+            tracemalloc.reset_peak()
+            return current, len(cls._recorded)
+
+    @classmethod
+    def stop(cls, token: tuple[int, int]) -> int:
+        current_at_start, n_recorded = token
+        with cls._lock:
+            peak = tracemalloc.get_traced_memory()[1] if tracemalloc.is_tracing() else 0
+            peak = max([peak, *cls._recorded[n_recorded:]])
+            cls._depth -= 1
+            if cls._depth == 0:
+                cls._recorded.clear()
+            return max(peak - current_at_start, 0)
 
 
 def _config_from_parent(parent: Task, name: str) -> Config:

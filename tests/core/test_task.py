@@ -446,3 +446,38 @@ def test_timer_overwrites() -> None:
     with task.timer("step"):
         pass
     assert task.metadata["step.wall_s"] < 0.02
+
+
+def test_timer_records_traced_peak_of_nested_blocks():
+    import tracemalloc
+
+    import numpy as np
+
+    import skydiff
+    from skydiff.task import Task
+
+    @skydiff.configclass
+    class ProbeConfig(skydiff.Config):
+        size: int = skydiff.Field(1, doc="Unused.")
+
+    class Probe(Task):
+        ConfigClass = ProbeConfig
+        default_name = "probe"
+
+        def run(self) -> None:
+            with self.timer("outer"):
+                big = np.ones(4_000_000)  # 32 MB, freed before the inner block
+                del big
+                with self.timer("inner"):
+                    small = np.ones(1_000_000)  # 8 MB
+                    del small
+
+    tracemalloc.start()
+    try:
+        task = Probe()
+        task.run()
+    finally:
+        tracemalloc.stop()
+    meta = task.metadata.to_dict()
+    assert 30 < meta["outer"]["peak_mb"] < 34
+    assert 7 < meta["inner"]["peak_mb"] < 9
