@@ -5,27 +5,27 @@ Two layouts are understood.
 **skydiff multi-extension FITS** (format ``"skydiff-mef"``, read and written; the LSST
 ``afw`` layout extended with a PSF and provenance):
 
-=============  ============  =============================================================
-HDU            type          content
-=============  ============  =============================================================
-0 ``PRIMARY``  no data       provenance: ``SKDFMT``, ``SKDVER``, ``NPLUGIN``, ``PLUGn``,
-                             ``NINPUT``, ``INPUTn``, ``INSHAn`` (see
-                             :mod:`skydiff.io.provenance`)
-1 ``IMAGE``    float32 2-D   pixels; header = exposure metadata + WCS + ``FILTER``,
-                             ``PHOTSCAL``, ``PHOTSERR``, ``FLUXMAG0``, ``DATE-OBS``,
-                             ``TIMESYS``, ``EXPTIME``, ``AIRMASS``, ``PARANGLE``, ``LTV1``,
-                             ``LTV2``
-2 ``MASK``     uint32 2-D    bit planes (``BITPIX = 32``, ``BZERO = 2147483648``);
-                             ``MP_<NAME> = bit`` per plane; WCS, ``LTV1``, ``LTV2``
-3 ``VARIANCE`` float32 2-D   variance; WCS, ``LTV1``, ``LTV2``
-``PSF``        float64       only with a PSF; ``PSFTYPE`` = ``gaussian`` (2-D image of the
-                             PSF; ``PSFSIGMA``, ``PSFSIZE``), ``image`` (2-D unit-sum image;
-                             ``PSFX``, ``PSFY``) or ``polynomial`` (3-D basis
-                             ``(n_basis, S, S)``; ``PSFORDER``, ``PSFKIND``, ``PSFXMIN``,
-                             ``PSFYMIN``, ``PSFXMAX``, ``PSFYMAX``)
-``PSFCOEF``    float64 2-D   only for ``polynomial``: coefficients ``(n_basis, n_terms)``
-``PROVCONF``   binary table  only with a configuration: the effective TOML, byte-exact
-=============  ============  =============================================================
+===============  ============  =============================================================
+HDU              type          content
+===============  ============  =============================================================
+0 ``PRIMARY``    no data       provenance: ``SKDFMT``, ``SKDVER``, ``NPLUGIN``, ``PLUGn``,
+                               ``NINPUT``, ``INPUTn``, ``INSHAn`` (see
+                               :mod:`skydiff.io.provenance`)
+1 ``IMAGE``      float32 2-D   pixels; header = exposure metadata + WCS + ``FILTER``,
+                               ``PHOTSCAL``, ``PHOTSERR``, ``FLUXMAG0``, ``DATE-OBS``,
+                               ``TIMESYS``, ``EXPTIME``, ``AIRMASS``, ``PARANGLE``, ``LTV1``,
+                               ``LTV2``
+2 ``MASK``       uint32 2-D    bit planes (``BITPIX = 32``, ``BZERO = 2147483648``);
+                               ``MP_<NAME> = bit`` per plane; WCS, ``LTV1``, ``LTV2``
+3 ``VARIANCE``   float32 2-D   variance; WCS, ``LTV1``, ``LTV2``
+``PSF``          float64       only with a PSF; ``PSFTYPE`` = ``gaussian`` (2-D image of the
+                               PSF; ``PSFSIGMA``, ``PSFSIZE``), ``image`` (2-D unit-sum image;
+                               ``PSFX``, ``PSFY``) or ``polynomial`` (3-D basis
+                               ``(n_basis, S, S)``; ``PSFORDER``, ``PSFKIND``, ``PSFXMIN``,
+                               ``PSFYMIN``, ``PSFXMAX``, ``PSFYMAX``)
+``PSFCOEF``      float64 2-D   only for ``polynomial``: coefficients ``(n_basis, n_terms)``
+``PROVCONF``     binary table  only with a configuration: the effective TOML, byte-exact
+===============  ============  =============================================================
 
 Every HDU carries ``CHECKSUM``/``DATASUM``. Floating-point keywords are written with Python's
 shortest round-trip representation, so every value reads back bit-identical. ``LTV1 = -x0``
