@@ -57,8 +57,9 @@ from skydiff.exposure import (
 )
 from skydiff.hookspecs import hookimpl, hookspec
 from skydiff.kernel import BasisKernel, FixedKernel, Kernel, chebyshev_terms, spatial_functions
+from skydiff.mapreduce import Cell, Grid, make_grid, map_reduce
 from skydiff.mask import DEFAULT_PLANES, MaskPlanes
-from skydiff.pipeline import PipelineConfig
+from skydiff.pipeline import PipelineConfig, subtract
 from skydiff.psf import GaussianPsf, ImagePsf, PolynomialPsf, Psf, psf_fwhm_from_image
 from skydiff.registry import ROLES, PluginInfo, Registries, Registry, RoleInfo
 from skydiff.roles import (
@@ -87,6 +88,14 @@ from skydiff.roles import (
     TemplateGetter,
     TemplateResult,
 )
+from skydiff.sources import DEFAULT_BAD_PLANES, SOURCE_COLUMNS, find_stars, measure_stars
+from skydiff.stats import (
+    ClippedStats,
+    background_mesh,
+    clipped_stats,
+    robust_std,
+    variance_scale_factor,
+)
 from skydiff.task import Task, TaskMetadata
 
 try:
@@ -96,15 +105,19 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 __all__ = [
     "BUILTIN_PLUGINS",
+    "DEFAULT_BAD_PLANES",
     "DEFAULT_PLANES",
     "ROLES",
     "ROLE_BASES",
+    "SOURCE_COLUMNS",
     "Algorithm",
     "AlgorithmError",
     "BadSubtractionError",
     "BasisKernel",
+    "Cell",
     "ChoiceField",
     "ClassificationResult",
+    "ClippedStats",
     "Config",
     "ConfigError",
     "ConfigField",
@@ -122,6 +135,7 @@ __all__ = [
     "FixedKernel",
     "FourierImage",
     "GaussianPsf",
+    "Grid",
     "ImagePsf",
     "InputError",
     "InsufficientKernelSourcesError",
@@ -164,18 +178,27 @@ __all__ = [
     "TemplateResult",
     "VisitInfo",
     "__version__",
+    "background_mesh",
     "chebyshev_terms",
+    "clipped_stats",
     "configclass",
     "convolve",
     "direct_convolve",
     "estimate_variance",
     "fft_convolve",
+    "find_stars",
     "get_manager",
     "get_registries",
     "hookimpl",
     "hookspec",
+    "make_grid",
+    "map_reduce",
+    "measure_stars",
     "psf_fwhm_from_image",
     "robust_sigma",
+    "robust_std",
     "spatial_functions",
+    "subtract",
     "use_manager",
+    "variance_scale_factor",
 ]

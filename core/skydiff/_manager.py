@@ -58,7 +58,8 @@ __all__ = [
     "use_manager",
 ]
 
-BUILTIN_PLUGINS: tuple[str, ...] = ("skydiff_plugins.executors",)
+BUILTIN_PLUGINS: tuple[str, ...] = ("skydiff_plugins.executors", "skydiff_plugins.decorrelation",
+                                   "skydiff_plugins.psfmatch", "skydiff_plugins.psf_estimation")
 """Module names of the built-in plugins, loaded in this order before any entry point."""
 
 ENTRY_POINT_GROUP = "skydiff.plugins"
@@ -371,9 +372,11 @@ class PluginManager:
         -------
         list of PluginRecord
             ``(name, distribution, version, {role: algorithm names})`` per plugin; plugins
-            that failed to load are in :attr:`load_errors` instead.
+            that failed to load are in :attr:`load_errors` instead. Loads the plugins
+            first, like :attr:`registries`.
         """
         with self._lock:
+            self.load()
             return [PluginRecord(name, provider.distribution, provider.version,
                                  self._registries.provided_by(name))
                     for name, provider in self._providers.items()]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from skydiff._manager import get_registries
+from skydiff import get_registries
 from skydiff.testing import parametrize_with_checks
 
 #: ``{"role:name": {check name: reason}}`` of known failures of built-in plugins.
@@ -28,7 +28,7 @@ BUILTINS = builtin_plugins()
 
 
 def test_builtins_are_registered() -> None:
-    assert BUILTINS, "no built-in plugin is registered; check skydiff._manager.BUILTIN_PLUGINS"
+    assert BUILTINS, "no built-in plugin is registered; check skydiff.BUILTIN_PLUGINS"
     assert not get_registries().load_errors
 
 

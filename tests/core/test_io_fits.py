@@ -678,13 +678,24 @@ def test_companion_shape_mismatch_names_the_file(tmp_path: Path) -> None:
         read_exposure(image, sigma=tmp_path / "nothere.fits")
 
 
+def test_a_few_negative_noise_values_become_unusable_pixels(tmp_path: Path) -> None:
+    # Real noise maps (e.g. the JWST pair in shared/data) carry the odd negative pixel.
+    sigma = np.full((40, 40), 2.0)
+    sigma[3, 5] = -1e-5
+    exposure = read_exposure(write_plain(tmp_path / "img.fits", np.ones((40, 40))), sigma=sigma)
+    flagged = exposure.masked("NO_DATA", "BAD")
+    assert flagged[3, 5]
+    assert np.count_nonzero(flagged) == 1
+    assert np.all(exposure.variance[~flagged] == 4.0)
+
+
 def test_companion_value_errors(tmp_path: Path) -> None:
     image = write_plain(tmp_path / "img.fits", np.ones((4, 4)))
     with pytest.raises(InputError, match="pass only one of variance=, weight=, sigma="):
         read_exposure(image, variance=np.ones((4, 4)), weight=np.ones((4, 4)))
-    with pytest.raises(InputError, match="variance map array has negative values"):
+    with pytest.raises(InputError, match="variance map array has 16 negative values"):
         read_exposure(image, variance=-np.ones((4, 4)))
-    with pytest.raises(InputError, match="sigma map array has negative values"):
+    with pytest.raises(InputError, match="sigma map array has 16 negative values"):
         read_exposure(image, sigma=-np.ones((4, 4)))
     with pytest.raises(InputError, match="not numbers"):
         read_exposure(image, weight=np.full((4, 4), "a"))

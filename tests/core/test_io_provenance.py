@@ -59,7 +59,10 @@ def test_collect_config_forms() -> None:
 
 def test_collect_plugins_from_the_plugin_manager() -> None:
     module = types.ModuleType("skd_provenance_probe")
-    with use_manager(PluginManager()) as manager:
+    # No built-ins and no entry points: only the probe is known.
+    manager = PluginManager(builtin_modules=())
+    manager.load(entry_points=False)
+    with use_manager(manager):
         manager.register(module, name="probe", distribution="skydiff-probe", version="2.5")
         prov = Provenance.collect()
     assert prov.plugins == {"probe": "2.5"}

@@ -29,9 +29,9 @@ def _add_common(parser: argparse.ArgumentParser, *, sub: bool = True) -> None:
     default = argparse.SUPPRESS if sub else 0
     group = parser.add_argument_group("output")
     group.add_argument("-v", "--verbose", action="count", default=default,
-                       help="more log output (repeat for debug messages)")
+                       help="more log output: progress messages (repeat for debug messages)")
     group.add_argument("-q", "--quiet", action="count", default=default,
-                       help="less output: warnings only (repeat for errors only)")
+                       help="less log output: errors only (repeat for nothing)")
     group.add_argument("--debug", action="store_true",
                        default=argparse.SUPPRESS if sub else False,
                        help="show full tracebacks instead of one-line errors")
@@ -39,7 +39,7 @@ def _add_common(parser: argparse.ArgumentParser, *, sub: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every built-in and plugin-provided subcommand."""
-    from skydiff.cli import _config, _plugins, _sim
+    from skydiff.cli import _bench, _config, _demo, _plugins, _sim, _subtract
 
     parser = argparse.ArgumentParser(
         prog="skydiff",
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"skydiff {__version__}")
     _add_common(parser, sub=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (_plugins, _config, _sim):
+    for module in (_plugins, _config, _sim, _subtract, _demo, _bench):
         module.add_parser(subparsers, _add_common)
     from skydiff._manager import get_manager
 
@@ -58,20 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: int, quiet: int) -> None:
-    level = logging.INFO + 10 * (quiet - verbose)
+    # Results go to stdout; the log (stderr) shows warnings by default, -v info, -vv debug.
+    level = logging.WARNING + 10 * (quiet - verbose)
     level = min(max(level, logging.DEBUG), logging.CRITICAL)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("skydiff")
     root.handlers[:] = [handler]
     root.setLevel(level)
-    root.propagate = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``skydiff`` command line and return its exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
+    logger = logging.getLogger("skydiff")
+    saved = (list(logger.handlers), logger.level)
     try:
         parser = build_parser()
         args = parser.parse_args(args_list)
@@ -93,3 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"skydiff: internal error: {type(exc).__name__}: {exc} "
               "(rerun with --debug for the traceback and report it)", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        # main() may run inside another program (or a test): leave logging as it was.
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])

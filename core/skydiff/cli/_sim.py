@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     with atomic_path(targets["sim.toml"], overwrite=args.overwrite) as tmp:
         Path(tmp).write_text(tomli_w.dumps({"seed": seed, **config.to_dict()}))
     kinds = {str(k): int((pair.truth["kind"] == k).sum()) for k in sorted(set(pair.truth["kind"]))}
-    summary = ", ".join(f"{n} {k}s" for k, n in kinds.items())
+    summary = ", ".join(f"{n} {k}{'' if n == 1 else 's'}" for k, n in kinds.items())
     log.info("simulated %dx%d pair with %s", *pair.science.shape, summary)
     print(f"wrote {outdir}/science.fits, template.fits, truth.ecsv, sim.toml "
           f"({pair.science.shape[0]}x{pair.science.shape[1]} px; {summary})")

@@ -474,6 +474,11 @@ def _numeric(array: np.ndarray, name: str) -> np.ndarray:
     return array.astype(np.float64)
 
 
+#: Above this fraction of negative values a variance or sigma companion is rejected outright
+#: (it is probably not a noise map); below it the negative pixels are flagged as unusable.
+_MAX_NEGATIVE_FRACTION = 0.001
+
+
 def _variance_from_companion(kind: str, array: np.ndarray, name: str
                              ) -> tuple[np.ndarray, np.ndarray]:
     """(variance with NaN where unusable, bool array of unusable pixels) from a companion."""
@@ -484,12 +489,18 @@ def _variance_from_companion(kind: str, array: np.ndarray, name: str
         with np.errstate(divide="ignore", invalid="ignore"):
             variance = np.where(usable, 1.0 / np.where(usable, values, 1.0), np.nan)
         return variance, ~usable
-    if np.any(values[finite] < 0):
-        msg = (f"{name} has negative values; a {kind} map must be ≥ 0 "
+    negative = finite & (values < 0)
+    n_negative = int(np.count_nonzero(negative))
+    if n_negative > _MAX_NEGATIVE_FRACTION * max(int(np.count_nonzero(finite)), 1):
+        msg = (f"{name} has {n_negative} negative values; a {kind} map must be ≥ 0 "
                f"({'pass weight= for inverse variance' if kind == 'variance' else 'pass σ'})")
         raise InputError(msg)
+    if n_negative:
+        # A handful of negative noise values (real reductions have them) marks bad pixels.
+        log.warning("%s: %d negative value(s) treated as unusable pixels", name, n_negative)
+    usable = finite & ~negative
     variance = values**2 if kind == "sigma" else values
-    return np.where(finite, variance, np.nan), ~finite
+    return np.where(usable, variance, np.nan), ~usable
 
 
 def _psf_companion(value: Any, *, image_source: str, extname: str | None) -> Psf:

@@ -636,7 +636,13 @@ def _evolve_checked(obj: Any, changes: dict[str, Any], *, where: str) -> Any:
     if unknown:
         msg = f"unknown {where} field(s) {', '.join(unknown)}; valid fields: {', '.join(valid)}"
         raise ConfigError(msg)
-    return attrs.evolve(obj, **changes)
+    try:
+        return attrs.evolve(obj, **changes)
+    except ConfigError as exc:
+        if where in ("science", "template") and not str(exc).startswith(f"{where}."):
+            msg = f"{where}.{exc}"
+            raise ConfigError(msg) from exc
+        raise
 
 
 def _plain(data: dict[str, Any]) -> dict[str, Any]:

@@ -2,12 +2,12 @@
 
 Each role gets one *sample call* (valid arguments of its ``run``) and a few *bad calls*
 (role-specific invalid arguments that a plugin must reject with a
-:class:`~skydiff.errors.SkydiffError`). Images are 64×64 pixels from
-:func:`skydiff.sim.simulate_pair` with a fixed seed: a star field with one transient, a template
-of narrower PSF, Poisson and read noise, a cosmic ray and a bad column. The simulation runs
-once; every call hands out fresh copies of everything a plugin could mutate (tables, lists,
-the exposures' headers and WCS objects; the read-only pixel arrays are shared), so a
-misbehaving plugin cannot poison later checks.
+:class:`~skydiff.errors.SkydiffError`). Images are 128×128 pixels (large enough for a kernel
+fit) from :func:`skydiff.sim.simulate_pair` with a fixed seed: a star field with one transient,
+a template of narrower PSF, Poisson and read noise, a cosmic ray and a bad column. The
+simulation runs once; every call hands out fresh copies of everything a plugin could mutate
+(tables, lists, the exposures' headers and WCS objects; the read-only pixel arrays are shared),
+so a misbehaving plugin cannot poison later checks.
 
 The executor sample function :func:`square_or_fail` lives at module level so that process-
 and cluster-based executors can pickle it.
@@ -46,7 +46,7 @@ __all__ = [
 #: Seed of the simulated pair behind every sample input.
 SAMPLE_SEED = 20240601
 #: Shape of the sample images.
-SAMPLE_SHAPE = (64, 64)
+SAMPLE_SHAPE = (128, 128)
 #: Items of the executor sample call (all succeed).
 EXECUTOR_ITEMS: tuple[int, ...] = (3, 1, 4, 1, 5, 9, 2, 6)
 #: Items of the executor failure check: the negative one fails.
@@ -146,7 +146,7 @@ def sample_data() -> SampleData:
     -------
     SampleData
     """
-    pair = simulate_pair(shape=SAMPLE_SHAPE, n_stars=20, n_transients=1, source_margin=12.0,
+    pair = simulate_pair(shape=SAMPLE_SHAPE, n_stars=60, n_transients=1, source_margin=12.0,
                          flux_min=2000.0, flux_max=50000.0, seed=SAMPLE_SEED,
                          science={"fwhm": 3.0, "n_cosmic_rays": 1, "n_bad_columns": 1},
                          template={"fwhm": 2.0})

@@ -1264,3 +1264,5 @@ def parametrize_with_checks(
             params.append(pytest.param(plugin, check, id=f"{plugin.id}-{check.name}",
                                        marks=marks))
     return pytest.mark.parametrize("plugin, check", params)
+
+from skydiff.testing import _subtraction_checks  # noqa: E402, F401 (registers its checks)

@@ -34,7 +34,7 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 
 import skydiff
-from skydiff.errors import AlgorithmError, InputError
+from skydiff import AlgorithmError, InputError
 
 try:
     __version__ = version("skydiff-example")

@@ -1,0 +1,416 @@
+r"""Selection of the stars a PSF-matching kernel is fitted on ("kernel sources").
+
+A kernel source is a star whose stamp of :math:`(2K+1)^2` pixels (``K`` the kernel size)
+around it is usable in *both* images. Candidates come from a given table (columns ``x``,
+``y``: 0-based column and row of the science array) or from
+:func:`skydiff.sources.find_stars` on the science image; each is then checked, vectorised over
+all candidates:
+
+``edge``
+    the stamp (plus an optional extra margin) must lie inside the image, i.e. the centre is at
+    least :math:`K` pixels from every border;
+``masked_science`` / ``masked_template``
+    no pixel of the stamp may carry one of ``bad_planes`` (``NO_DATA``, ``BAD``, ``SAT``,
+    ``EDGE``, ``CR``, ``HIGH_VARIANCE``, ``SUSPECT``, ``INTRP``, ``SAT_TEMPLATE`` by default)
+    in the science or in the template -- this is also the saturation cut;
+``not_isolated``
+    :func:`~skydiff.sources.find_stars` found a neighbour within its isolation radius;
+``low_snr`` / ``high_snr``
+    the science S/N must lie in ``[min_snr, max_snr]``;
+``template_faint``
+    the star must be detected in the template too (S/N of
+    :func:`~skydiff.sources.measure_stars` at the same position >= ``min_template_snr``):
+    transients and fast movers are no kernel sources;
+``cell_full`` / ``max_sources``
+    the survivors are sorted brightest first (by science flux) and at most ``n_per_cell`` are
+    kept per ``cell_size`` square cell and ``max_sources`` in all, so that the spatial model
+    is constrained everywhere and not only where stars crowd. When the cells keep fewer than
+    twice the required number (small images have few cells), the brightest of the others
+    are added back up to that number: the cells thin out crowds, they never starve a fit.
+
+Upstream (``lsst.ip.diffim`` ``_sourceSelector``) keeps S/N in [10, 500]; here the upper limit
+defaults to none: bright unsaturated stars carry most of the information about the kernel
+(their wings constrain the large Gaussians of the basis), saturated ones are removed by the
+``SAT`` mask, and a star the kernel cannot model is rejected later by the residual clipping of
+the fit. Set ``max_snr = 500`` to reproduce the upstream cut.
+
+Fewer than ``min_sources`` survivors raise :class:`skydiff.InsufficientKernelSourcesError`
+carrying how many were found and needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+from astropy.table import Table
+
+import skydiff
+
+__all__ = [
+    "DEFAULT_BAD_PLANES",
+    "SELECTION_REASONS",
+    "KernelSourceSelection",
+    "KernelSourcesConfig",
+    "select_kernel_sources",
+]
+
+#: Mask planes that disqualify a stamp when set on any of its pixels (in either image).
+DEFAULT_BAD_PLANES: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE", "CR", "HIGH_VARIANCE",
+                                       "SUSPECT", "INTRP", "SAT_TEMPLATE")
+
+#: Rejection reasons of the selection step, in the order they are tested.
+SELECTION_REASONS: tuple[str, ...] = ("not_finite", "edge", "masked_science", "masked_template",
+                                      "not_isolated", "low_snr", "high_snr", "template_faint",
+                                      "cell_full", "max_sources")
+
+
+@skydiff.configclass
+class KernelSourcesConfig(skydiff.Config):
+    """How kernel sources are found and which are kept."""
+
+    detection_threshold: float = skydiff.RangeField(
+        5.0, min=0.0, inclusive_min=False,
+        doc="Detection threshold (sigma) of find_stars on the science image.")
+    min_snr: float = skydiff.RangeField(
+        10.0, min=0.0, doc="Smallest science S/N of a kernel source (upstream 10).")
+    max_snr: float | None = skydiff.RangeField(
+        None, min=0.0, inclusive_min=False, optional=True,
+        doc="Largest science S/N of a kernel source; none by default (upstream 500) because "
+            "bright unsaturated stars constrain the kernel best; saturated stars are removed "
+            "by the SAT mask.")
+    min_template_snr: float = skydiff.RangeField(
+        3.0, min=0.0, doc="Smallest template S/N at the source position (rejects transients "
+                          "and movers).")
+    require_isolated: bool = skydiff.Field(
+        True, doc="Reject stars with a detected neighbour within the isolation radius.")
+    isolation_radius: float | None = skydiff.RangeField(
+        None, min=0.0, optional=True,
+        doc="Isolation radius in pixels passed to find_stars (None: its default).")
+    bad_planes: tuple[str, ...] = skydiff.ListField(
+        DEFAULT_BAD_PLANES, dtype=str,
+        doc="Mask planes that disqualify a stamp when set on any of its pixels in either image "
+            "(planes absent from an exposure are ignored).")
+    cell_size: int = skydiff.RangeField(
+        128, min=8, doc="Side in pixels of the square cells that cap the sources per area.")
+    n_per_cell: int = skydiff.RangeField(
+        5, min=1, doc="Most sources kept per cell, brightest first (nStarPerCell).")
+    max_sources: int = skydiff.RangeField(
+        1000, min=1, doc="Most sources kept in all (maxKernelSources).")
+    min_sources: int | None = skydiff.RangeField(
+        None, min=1, optional=True,
+        doc="Fewest sources needed; None: the number of spatial terms of the kernel and "
+            "background models, at least 3.")
+
+
+@attrs.frozen
+class KernelSourceSelection:
+    """Outcome of :func:`select_kernel_sources`.
+
+    Attributes
+    ----------
+    table : astropy.table.Table
+        Every candidate, brightest first: ``x``, ``y`` (science array column, row), ``flux``,
+        ``snr``, ``template_snr``, ``selected`` (bool) and ``reason`` (``""`` when selected,
+        else one of :data:`SELECTION_REASONS`).
+    index : ndarray of int
+        Rows of ``table`` that were selected, brightest first.
+    """
+
+    table: Table = attrs.field(eq=False)
+    index: np.ndarray = attrs.field(eq=attrs.cmp_using(eq=np.array_equal))
+
+    @property
+    def n_selected(self) -> int:
+        """Number of selected sources."""
+        return int(self.index.size)
+
+
+def _plane_value(exposure: skydiff.Exposure, names: Sequence[str]) -> int:
+    present = [name for name in names if name in exposure.mask_planes.names]
+    return exposure.mask_planes.value(*present) if present else 0
+
+
+def _box_any(flags: np.ndarray, rows: np.ndarray, cols: np.ndarray, half: int) -> np.ndarray:
+    """Whether any flag is set in the ``(2 half + 1)²`` box around each (row, col), vectorised.
+
+    Sparse flags (cosmic rays, bad columns, saturated cores: at most 2 % of the pixels) are
+    put in a k-d tree and each centre asks for its nearest flagged pixel in the Chebyshev
+    metric; dense flags are dilated by the box with two running maxima
+    (:func:`scipy.ndimage.maximum_filter1d`, linear in the image size) and read at the
+    centres. Either way the cost does not grow with the box.
+    """
+    if rows.size == 0:
+        return np.zeros(rows.size, dtype=bool)
+    n_flagged = int(np.count_nonzero(flags))
+    if n_flagged == 0:
+        return np.zeros(rows.size, dtype=bool)
+    if n_flagged <= 0.02 * flags.size:
+        from scipy.spatial import cKDTree
+
+        flagged = np.column_stack(np.nonzero(flags))
+        distance, _ = cKDTree(flagged).query(np.column_stack([rows, cols]), k=1, p=np.inf,
+                                             distance_upper_bound=half + 0.5)
+        return np.isfinite(distance)
+    from scipy.ndimage import maximum_filter1d
+
+    grown = flags.view(np.uint8) if flags.dtype == bool else flags.astype(np.uint8)
+    grown = maximum_filter1d(grown, 2 * half + 1, axis=0, mode="constant", cval=0)
+    grown = maximum_filter1d(grown, 2 * half + 1, axis=1, mode="constant", cval=0)
+    return grown[rows, cols] != 0
+
+
+def _column(table: Table, name: str, default: float | bool, n: int) -> np.ndarray:
+    if name in table.colnames:
+        return np.asarray(table[name])
+    return np.full(n, default)
+
+
+def _measure(exposure: skydiff.Exposure, x: np.ndarray, y: np.ndarray, fwhm: float | None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Flux and S/N at fixed positions with :func:`skydiff.sources.measure_stars`."""
+    if x.size == 0:
+        return np.zeros(0), np.zeros(0)
+    from skydiff.sources import measure_stars
+
+    measured = measure_stars(exposure, x, y, fwhm=fwhm)
+    flux = np.asarray(measured["flux"], dtype=np.float64)
+    if "snr" in measured.colnames:
+        snr = np.asarray(measured["snr"], dtype=np.float64)
+    else:
+        err = np.asarray(measured["flux_err"], dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr = np.where(err > 0, flux / err, np.nan)
+    return flux, snr
+
+
+def aperture_snr(exposure: skydiff.Exposure, rows: np.ndarray, cols: np.ndarray,
+                 fwhm: float) -> np.ndarray:
+    r"""Aperture S/N of point sources at integer positions, vectorised over the sources.
+
+    The flux is summed in a circular aperture of radius :math:`\max(2, \mathrm{FWHM})`
+    (94 % of a Gaussian's flux) after subtracting the median of the ring between
+    :math:`2\,\mathrm{FWHM}` and :math:`2.5\,\mathrm{FWHM}`; the noise is
+    :math:`\sqrt{\sum V}` over the aperture. Stamps are clipped to the image.
+    """
+    if rows.size == 0:
+        return np.zeros(0)
+    radius = max(2.0, float(fwhm))
+    outer = max(radius + 2.0, 2.5 * float(fwhm))
+    inner = max(radius + 1.0, 2.0 * float(fwhm))
+    half = math.ceil(outer)
+    offsets = np.arange(-half, half + 1)
+    height, width = exposure.shape
+    rr = np.clip(rows[:, None, None] + offsets[None, :, None], 0, height - 1)
+    cc = np.clip(cols[:, None, None] + offsets[None, None, :], 0, width - 1)
+    distance = np.hypot(offsets[:, None], offsets[None, :])
+    aperture = distance <= radius
+    ring = (distance >= inner) & (distance <= outer)
+    image = exposure.image[rr, cc].astype(np.float64)
+    variance = exposure.variance[rr, cc].astype(np.float64)
+    sky = np.median(image[:, ring], axis=1)
+    flux = (image[:, aperture] - sky[:, None]).sum(axis=1)
+    noise = np.sqrt(np.maximum(variance[:, aperture].sum(axis=1), 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(noise > 0, flux / noise, np.nan)
+
+
+def _candidates(science: skydiff.Exposure, sources: Table | None, config: KernelSourcesConfig,
+                fwhm: float | None) -> Table:
+    """Candidate positions with flux, S/N and isolation (given or found)."""
+    if sources is not None:
+        if not isinstance(sources, Table):
+            msg = f"sources must be an astropy Table with columns x and y, got {type(sources)}"
+            raise skydiff.InputError(msg)
+        missing = [name for name in ("x", "y") if name not in sources.colnames]
+        if missing:
+            msg = (f"the kernel source table lacks the columns {missing}; it needs x and y "
+                   "(0-based column and row of the science image)")
+            raise skydiff.InputError(msg)
+        n = len(sources)
+        x = np.asarray(sources["x"], dtype=np.float64).reshape(-1)
+        y = np.asarray(sources["y"], dtype=np.float64).reshape(-1)
+        out = Table({"x": x, "y": y})
+        if "flux" in sources.colnames and "snr" in sources.colnames:
+            out["flux"] = np.asarray(sources["flux"], dtype=np.float64)
+            out["snr"] = np.asarray(sources["snr"], dtype=np.float64)
+        else:
+            finite = np.isfinite(x) & np.isfinite(y)
+            flux = np.full(n, np.nan)
+            snr = np.full(n, np.nan)
+            flux[finite], snr[finite] = _measure(science, x[finite], y[finite], fwhm)
+            out["flux"], out["snr"] = flux, snr
+        out["isolated"] = _column(sources, "isolated", True, n).astype(bool)
+        return out
+    from skydiff.sources import find_stars
+
+    kwargs: dict[str, Any] = {"threshold": config.detection_threshold, "fwhm": fwhm,
+                              "bad_planes": tuple(config.bad_planes)}
+    if config.isolation_radius is not None:
+        kwargs["isolation_radius"] = config.isolation_radius
+    found = find_stars(science, **kwargs)
+    n = len(found)
+    return Table({
+        "x": np.asarray(found["x"], dtype=np.float64).reshape(-1),
+        "y": np.asarray(found["y"], dtype=np.float64).reshape(-1),
+        "flux": np.asarray(found["flux"], dtype=np.float64).reshape(-1),
+        "snr": np.asarray(found["snr"], dtype=np.float64).reshape(-1),
+        "isolated": _column(found, "isolated", True, n).astype(bool).reshape(-1),
+    })
+
+
+def select_kernel_sources(
+    science: skydiff.Exposure,
+    template: skydiff.Exposure,
+    *,
+    kernel_size: int,
+    config: KernelSourcesConfig,
+    min_sources: int,
+    sources: Table | None = None,
+    fwhm: float | None = None,
+    template_fwhm: float | None = None,
+    margin: int = 0,
+    mask_exposure: skydiff.Exposure | None = None,
+) -> KernelSourceSelection:
+    r"""Choose the stars the PSF-matching kernel is fitted on.
+
+    Parameters
+    ----------
+    science : skydiff.Exposure
+        The science exposure: stars are found (or measured) on it.
+    template : skydiff.Exposure
+        The template on the same pixel grid: its mask and S/N are checked.
+    kernel_size : int
+        Odd kernel size :math:`K`; stamps have :math:`2K + 1` pixels a side.
+    config : KernelSourcesConfig
+        The selection settings.
+    min_sources : int
+        Fewest sources the fit needs (``config.min_sources`` overrides it when set).
+    sources : astropy.table.Table, optional
+        Candidate positions (``x``, ``y``: 0-based column and row of the science array;
+        optional ``flux``, ``snr`` and ``isolated`` columns, else measured); default: found
+        with :func:`skydiff.sources.find_stars`.
+    fwhm : float, optional
+        Science PSF FWHM in pixels (used by find_stars when the science has no PSF).
+    template_fwhm : float, optional
+        Template PSF FWHM in pixels (aperture of the template S/N; default ``fwhm``).
+    margin : int, optional
+        Extra distance from the border beyond the stamp half-size (the pre-convolution path
+        adds the pre-filter half-width).
+    mask_exposure : skydiff.Exposure, optional
+        Exposure whose mask is checked instead of the science's (the pre-filtered science).
+
+    Returns
+    -------
+    KernelSourceSelection
+        All candidates with their status; the selected rows brightest first.
+
+    Raises
+    ------
+    skydiff.InsufficientKernelSourcesError
+        If fewer than the required number survive; its metadata holds ``n_found``,
+        ``n_needed``, ``n_candidates`` and the count of every rejection reason.
+    skydiff.InputError
+        If a given source table lacks ``x`` or ``y``.
+    """
+    needed = int(config.min_sources if config.min_sources is not None else min_sources)
+    candidates = _candidates(science, sources, config, fwhm)
+    n = len(candidates)
+    x = np.asarray(candidates["x"], dtype=np.float64)
+    y = np.asarray(candidates["y"], dtype=np.float64)
+    flux = np.asarray(candidates["flux"], dtype=np.float64)
+    snr = np.asarray(candidates["snr"], dtype=np.float64)
+    height, width = science.shape
+    half = int(kernel_size)  # stamp half-size: the stamp is 2K + 1 pixels
+    reach = half + int(margin)
+    reasons = np.full(n, "", dtype="<U16")
+
+    def reject(where: np.ndarray, reason: str) -> None:
+        reasons[(reasons == "") & where] = reason
+
+    finite = np.isfinite(x) & np.isfinite(y)
+    reject(~finite, "not_finite")
+    cols = np.rint(np.where(finite, x, -1e9)).astype(np.int64)
+    rows = np.rint(np.where(finite, y, -1e9)).astype(np.int64)
+    inside = (cols >= reach) & (cols <= width - 1 - reach) & (rows >= reach) & (
+        rows <= height - 1 - reach)
+    reject(~inside, "edge")
+    live = reasons == ""
+    check = mask_exposure if mask_exposure is not None else science
+    for exposure, reason in ((check, "masked_science"), (template, "masked_template")):
+        bits = _plane_value(exposure, config.bad_planes)
+        hit = np.zeros(n, dtype=bool)
+        if bits and live.any():
+            flags = (exposure.mask & np.uint32(bits)) != 0
+            hit[live] = _box_any(flags, rows[live], cols[live], half)
+        reject(hit, reason)
+    if config.require_isolated:
+        reject(~np.asarray(candidates["isolated"], dtype=bool), "not_isolated")
+    reject(~(snr >= config.min_snr), "low_snr")
+    if config.max_snr is not None:
+        reject(snr > config.max_snr, "high_snr")
+    template_snr = np.full(n, np.nan)
+    live = reasons == ""
+    if config.min_template_snr > 0 and live.any():
+        width_t = template_fwhm if template_fwhm is not None else (fwhm or 3.0)
+        template_snr[live] = aperture_snr(template, rows[live], cols[live], width_t)
+        reject(~(template_snr >= config.min_template_snr), "template_faint")
+
+    order = np.argsort(-np.where(np.isfinite(flux), flux, -np.inf), kind="stable")
+    ok = order[reasons[order] == ""]
+    cell = config.cell_size
+    cell_id = (rows[ok] // cell) * (width // cell + 1) + cols[ok] // cell
+    # rank of each source within its cell, brightest first (ok is sorted by flux)
+    sort_cells = np.argsort(cell_id, kind="stable")
+    sorted_ids = cell_id[sort_cells]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    run_start = np.repeat(starts, np.diff(np.r_[starts, sorted_ids.size]))
+    rank = np.empty(ok.size, dtype=np.int64)
+    rank[sort_cells] = np.arange(ok.size) - run_start
+    capped = rank < config.n_per_cell
+    if np.count_nonzero(capped) < 2 * needed:
+        # The cells only thin out crowded areas; they must not starve a small image (whose
+        # few cells cannot hold enough sources): top up with the brightest of the others,
+        # to twice the minimum so that the fit can still reject some.
+        extra = np.flatnonzero(~capped)[:2 * needed - np.count_nonzero(capped)]
+        capped[extra] = True
+    reasons[ok[~capped]] = "cell_full"
+    ok = ok[capped]
+    reasons[ok[config.max_sources:]] = "max_sources"
+    selected = ok[:config.max_sources]
+
+    table = Table({"x": x, "y": y, "flux": flux, "snr": snr, "template_snr": template_snr})
+    table["selected"] = reasons == ""
+    table["reason"] = reasons
+    table = table[order]
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    index = np.sort(position[selected])
+    if index.size < needed:
+        counts = {f"n_{reason}": int(np.sum(reasons == reason)) for reason in SELECTION_REASONS}
+        detail = ", ".join(f"{k[2:]} {v}" for k, v in counts.items() if v)
+        msg = (f"found {index.size} usable kernel source(s) of {n} candidate(s), need at least "
+               f"{needed}{f' (rejected: {detail})' if detail else ''}; lower "
+               f"spatial_kernel_order / spatial_bg_order, relax kernel_sources.min_snr or the "
+               f"mask planes, or pass a source list")
+        raise skydiff.InsufficientKernelSourcesError(
+            msg, n_found=int(index.size), n_needed=needed, n_candidates=n, **counts)
+    return KernelSourceSelection(table=table, index=index)
+
+
+def default_min_sources(*, kernel_order: int, background_order: int, fit_background: bool
+                        ) -> int:
+    r"""Fewest kernel sources that determine the spatial model.
+
+    The kernel coefficients and the background are polynomials of position with
+    :math:`(n+1)(n+2)/2` terms each; every stamp constrains them at one position only (the
+    kernel is assumed constant across a stamp), so at least that many distinct positions are
+    needed, and never fewer than 3 (upstream ``minKernelSources``).
+    """
+    terms = [(kernel_order + 1) * (kernel_order + 2) // 2]
+    if fit_background:
+        terms.append((background_order + 1) * (background_order + 2) // 2)
+    return max(3, *terms)

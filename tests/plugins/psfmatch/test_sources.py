@@ -1,0 +1,135 @@
+"""Kernel-source selection (``_sources.select_kernel_sources``).
+
+Port of ip_diffim's ``test_kernel_source_selector`` (ipdiffim §3.3) adapted to skydiff's
+selector: flagged (here: masked) sources are dropped, the rest kept brightest first and capped
+by ``max_sources``; plus the edge, template, S/N and per-cell rules and the error raised when
+too few remain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+import skydiff
+from skydiff.sim import make_test_image, simulate_pair
+from skydiff_plugins.psfmatch import KernelSourcesConfig, select_kernel_sources
+
+K = 21
+
+
+@pytest.fixture(scope="module")
+def images():
+    science = make_test_image(psf_sigma=2.4, noise_level=1.0, noise_seed=6, n_src=40,
+                              clear_edge_mask=True)
+    template = make_test_image(psf_sigma=2.0, noise_level=1.0, noise_seed=7, n_src=40,
+                               clear_edge_mask=True)
+    return science.exposure, template.exposure, science.truth
+
+
+def select(science, template, sources=None, min_sources=3, **settings):
+    return select_kernel_sources(science, template, kernel_size=K,
+                                 config=KernelSourcesConfig(**settings),
+                                 min_sources=min_sources, sources=sources)
+
+
+def inner(truth, margin=K):
+    x, y = np.asarray(truth["x"]), np.asarray(truth["y"])
+    return (np.rint(x) >= margin) & (np.rint(x) <= 255 - margin) & (np.rint(y) >= margin) & (
+        np.rint(y) <= 255 - margin)
+
+
+def test_selects_the_clean_inner_sources_brightest_first(images):
+    science, template, truth = images
+    selection = select(science, template, truth, n_per_cell=100)
+    table = selection.table
+    chosen = table[selection.index]
+    assert len(chosen) == int(inner(truth).sum())
+    assert np.all(np.diff(np.asarray(chosen["flux"])) <= 0)  # brightest first
+    assert set(table["reason"][~np.asarray(table["selected"])]) == {"edge"}
+
+
+def test_masked_sources_are_dropped_and_max_sources_caps(images):
+    """Every third inner source gets a bad pixel at its centre: exactly the sources whose
+    (2K+1)² stamp holds such a pixel are rejected, in science or template alike."""
+    science, template, truth = images
+    keep = np.flatnonzero(inner(truth))
+    flagged = keep[::3]
+    rows = np.rint(np.asarray(truth["y"])).astype(int)
+    cols = np.rint(np.asarray(truth["x"])).astype(int)
+    bad = np.zeros(science.shape, dtype=bool)
+    bad[rows[flagged], cols[flagged]] = True
+    hit = np.array([np.any((np.abs(rows[flagged] - rows[i]) <= K)
+                           & (np.abs(cols[flagged] - cols[i]) <= K)) for i in keep])
+    expected_masked = set(keep[hit])
+    masked_science = science.with_mask("CR", bad)
+    selection = select(masked_science, template, truth, n_per_cell=100, min_sources=1)
+    table = selection.table
+    reason_of = {float(x): str(r) for x, r in zip(table["x"], table["reason"], strict=True)}
+    for index in keep:
+        expected = "masked_science" if index in expected_masked else ""
+        assert reason_of[float(truth["x"][index])] == expected
+    assert selection.n_selected == keep.size - len(expected_masked)
+    capped = select(masked_science, template, truth, n_per_cell=100, max_sources=4,
+                    min_sources=1)
+    assert capped.n_selected == 4
+    brightest = np.sort(np.asarray(table[selection.index]["flux"]))[::-1][:4]
+    np.testing.assert_array_equal(np.sort(np.asarray(capped.table[capped.index]["flux"]))[::-1],
+                                  brightest)
+    masked_template = select(science, template.with_mask("SAT", bad), truth, n_per_cell=100,
+                             min_sources=1)
+    assert np.sum(masked_template.table["reason"] == "masked_template") == len(expected_masked)
+
+
+def test_snr_window_and_template_detection(images):
+    science, template, truth = images
+    selection = select(science, template, truth, n_per_cell=100)
+    snr = np.asarray(selection.table["snr"])[selection.index]
+    window = select(science, template, truth, n_per_cell=100, min_snr=float(np.median(snr)),
+                    max_snr=float(np.max(snr)) - 1e-6)
+    assert np.all(np.asarray(window.table["snr"])[window.index] >= np.median(snr))
+    assert "high_snr" in set(window.table["reason"])
+    assert "low_snr" in set(window.table["reason"])
+    blank = template.evolve(image=np.zeros(template.shape, dtype=np.float32))
+    with pytest.raises(skydiff.InsufficientKernelSourcesError) as info:
+        select(science, blank, truth, n_per_cell=100)
+    assert info.value.metadata["n_template_faint"] == int(inner(truth).sum())
+
+
+def test_cells_thin_out_but_never_starve(images):
+    science, template, truth = images
+    n_inner = int(inner(truth).sum())
+    one_per_cell = select(science, template, truth, n_per_cell=1, cell_size=64)
+    table = one_per_cell.table[one_per_cell.index]
+    cells = (np.rint(table["y"]).astype(int) // 64) * 10 + np.rint(table["x"]).astype(int) // 64
+    assert len(np.unique(cells)) == len(cells)
+    assert 0 < len(cells) < n_inner
+    # one cell covering the whole image with n_per_cell = 1 would keep a single source: the
+    # selection is topped up to twice the required number, brightest first
+    topped = select(science, template, truth, n_per_cell=1, cell_size=512, min_sources=4)
+    assert topped.n_selected == min(8, n_inner)
+
+
+def test_found_sources_and_the_insufficient_error():
+    pair = simulate_pair(shape=(256, 256), n_stars=60, seed=5, flux_min=3e3, flux_max=1e5,
+                         science={"fwhm": 3.5}, template={"fwhm": 2.5})
+    selection = select(pair.science, pair.template)
+    assert selection.n_selected >= 6
+    table = selection.table[selection.index]
+    truth_xy = np.column_stack([pair.truth["x"], pair.truth["y"]])
+    for x, y in zip(table["x"], table["y"], strict=True):  # every pick is a real star
+        assert np.min(np.hypot(*(truth_xy - [x, y]).T)) < 2.0
+    with pytest.raises(skydiff.InsufficientKernelSourcesError) as info:
+        select(pair.science, pair.template, min_sources=10_000)
+    metadata = info.value.metadata
+    # all clean sources are offered (the cells do not starve a fit that needs many)
+    n_clean = selection.n_selected + int(np.sum(selection.table["reason"] == "cell_full"))
+    assert metadata["n_needed"] == 10_000 and metadata["n_found"] == n_clean
+    assert "lower spatial_kernel_order" in str(info.value)
+
+
+def test_given_table_needs_x_and_y(images):
+    science, template, _ = images
+    with pytest.raises(skydiff.InputError, match="x and y"):
+        select(science, template, Table({"ra": [1.0]}))
