@@ -15,6 +15,7 @@ from astropy.time import Time
 from astropy.wcs import WCS
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import ndimage
 
 import skydiff.io.fits as skfits
 from skydiff.errors import InputError
@@ -368,20 +369,27 @@ def test_uint16_bzero_values_exact_and_saturation(tmp_path: Path) -> None:
     path = write_plain(tmp_path / "u16.fits", data)
     with fits.open(path) as hdul:
         assert hdul[0].header["BZERO"] == 32768 and hdul[0].header["BITPIX"] == 16
-    exposure = read_exposure(path)
+    exposure = read_exposure(path, saturation_grow=0)
     np.testing.assert_array_equal(exposure.image, data.astype(np.float32))
     # Digital saturation: the largest value a uint16 holds is flagged even without a level.
     assert np.array_equal(exposure.masked("SAT"), data == 65535)
-    flagged = read_exposure(path, saturation=60500).masked("SAT")
+    flagged = read_exposure(path, saturation=60500, saturation_grow=0).masked("SAT")
     assert np.array_equal(flagged, data >= 60500)
+    # By default the saturated pixels are grown by one pixel (charge spills over).
+    grown = ndimage.maximum_filter(data >= 60500, size=3, mode="constant")
+    assert np.array_equal(read_exposure(path, saturation=60500).masked("SAT"), grown)
+    with pytest.raises(InputError, match="saturation_grow"):
+        read_exposure(path, saturation_grow=-1)
 
 
 def test_saturate_keyword_and_override(tmp_path: Path) -> None:
     rng = np.random.default_rng(107)
     data = rng.uniform(0.0, 1000.0, size=(12, 12))
     path = write_plain(tmp_path / "sat.fits", data, SATURATE=800.0)
-    assert np.array_equal(read_exposure(path).masked("SAT"), data >= 800.0)
-    assert np.array_equal(read_exposure(path, saturation=900.0).masked("SAT"), data >= 900.0)
+    exact = {"saturation_grow": 0}
+    assert np.array_equal(read_exposure(path, **exact).masked("SAT"), data >= 800.0)
+    assert np.array_equal(read_exposure(path, saturation=900.0, **exact).masked("SAT"),
+                          data >= 900.0)
     assert not read_exposure(path, saturation=math.inf).masked("SAT").any()
     assert read_exposure(path).metadata["SATURATE"] == 800.0
 

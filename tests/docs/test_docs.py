@@ -9,7 +9,9 @@
 * every public name of ``skydiff.__all__`` (and of ``skydiff.io``, ``skydiff.sim`` and
   ``skydiff.testing``) is documented in ``docs/api/``;
 * every sub-command of ``skydiff`` has a section in the command-line reference that shows its
-  current usage line and documents every one of its options.
+  current usage line and documents every one of its options;
+* every built-in algorithm is listed in ``docs/plugins/builtins.md`` with an option table
+  generated from its configuration that covers every key.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import contextlib
 import doctest
 import importlib
+import importlib.util
 import inspect
 import io
 import logging
@@ -28,6 +31,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pluggy
 import pytest
@@ -286,9 +290,44 @@ def test_role_is_documented(role: str) -> None:
     assert "Result" in body or "result" in body
 
 
+def _options_extension() -> ModuleType:
+    """``docs/_ext/skydiff_docs.py``: renders the option tables (importable without Sphinx)."""
+    path = DOCS / "_ext" / "skydiff_docs.py"
+    spec = importlib.util.spec_from_file_location("_skydiff_docs_options", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _option_is_covered(key: str, role: str, name: str, options: ModuleType) -> bool:
+    """Whether the generated table of ``role:name`` documents ``key``.
+
+    Either the key has its own row, or a row ``<prefix>.*`` links to the section of another
+    algorithm (``<plugin-ROLE-NAME>``) whose own table documents the rest of the key.
+    """
+    table = options.options_table(role, name)
+    if f"| `{key}` |" in table:
+        return True
+    for line in table.splitlines():
+        match = re.match(r"^\| `(?P<prefix>[\w.]+)\.\*` \|.*<plugin-(?P<role>\w+)-(?P<name>\w+)>",
+                         line)
+        if match and key.startswith(match.group("prefix") + "."):
+            rest = key[len(match.group("prefix")) + 1:]
+            return _option_is_covered(rest, match.group("role"), match.group("name"), options)
+    return False
+
+
 def test_builtin_plugins_are_listed() -> None:
-    """The table of docs/plugins/builtins.md names every built-in algorithm and its class."""
+    """docs/plugins/builtins.md names every built-in algorithm, its class and its options.
+
+    The option tables are generated at build time from ``ConfigClass.describe()`` by the
+    ``plugin-options`` directive of ``docs/_ext/skydiff_docs.py``: the page must use the
+    directive (under the section label the generated links target) for every built-in, and
+    the generated table must cover every key of the algorithm's configuration.
+    """
     text = _read("plugins/builtins.md")
+    options = _options_extension()
     registries = skydiff.get_registries()
     for role in registries:
         for name, info in registries[role].items():
@@ -298,8 +337,13 @@ def test_builtin_plugins_are_listed() -> None:
             assert row in text, f"docs/plugins/builtins.md does not list {role}:{name}"
             public = info.target.__module__.rsplit("._", 1)[0]
             assert f"`{public}.{info.target.__name__}`" in text
+            assert f"({options.label(role, name)})=" in text, (
+                f"docs/plugins/builtins.md has no section label ({options.label(role, name)})=")
+            assert f"```{{{options.DIRECTIVE}}} {role}:{name}\n" in text, (
+                f"docs/plugins/builtins.md does not embed the option table of {role}:{name}")
             for option in info.ConfigClass.describe():
-                assert f"| `{option.key}` |" in text, f"{role}:{name} option {option.key}"
+                assert _option_is_covered(option.key, role, name, options), (
+                    f"the generated option table of {role}:{name} misses {option.key}")
             for tag in info.tags:
                 assert f"| `{tag}` |" in _read("plugins/roles.md"), (
                     f"tag {tag!r} of {role}:{name} is not in the tag table of roles.md")

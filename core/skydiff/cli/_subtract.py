@@ -33,6 +33,22 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{which}-saturation", type=float, metavar="LEVEL",
                            help=f"saturation level of the {which} image (default: SATURATE "
                                 "keyword, or the largest value of an integer image)")
+        group.add_argument(f"--{which}-gain", type=float, metavar="E_PER_ADU",
+                           help=f"gain of the {which} image for the variance estimate "
+                                "(default: GAIN keyword)")
+        group.add_argument(f"--{which}-read-noise", type=float, metavar="E",
+                           help=f"read noise of the {which} image in electrons for the variance "
+                                "estimate (default: RDNOISE keyword)")
+
+
+def input_files(args: argparse.Namespace) -> list[Path]:
+    """Every file the run reads: the two images and their companions (for provenance)."""
+    files = []
+    for which in ("science", "template"):
+        files.append(getattr(args, which))
+        files += [getattr(args, f"{which}_{key}") for key, _ in _COMPANIONS
+                  if getattr(args, f"{which}_{key}") is not None]
+    return files
 
 
 def read_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -47,9 +63,11 @@ def read_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
         hdu = getattr(args, f"{which}_hdu")
         if hdu is not None:
             kwargs["hdu"] = int(hdu) if hdu.lstrip("-").isdigit() else hdu
-        saturation = getattr(args, f"{which}_saturation")
-        if saturation is not None:
-            kwargs["saturation"] = saturation
+        for option, keyword in (("saturation", "saturation"), ("gain", "gain"),
+                                ("read_noise", "read_noise")):
+            value = getattr(args, f"{which}_{option}")
+            if value is not None:
+                kwargs[keyword] = value
         exposures.append(read_exposure(getattr(args, which), **kwargs))
     return exposures[0], exposures[1]
 
@@ -151,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
     outputs = [p for p in (args.output, args.matched_template, args.score, args.kernel, args.qa)
                if p is not None]
-    inputs = [args.science, args.template]
+    inputs = input_files(args)
     for path in outputs:
         if any(path.resolve() == src.resolve() for src in inputs):
             msg = f"output {path} is an input; choose another output name"

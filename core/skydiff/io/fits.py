@@ -605,7 +605,8 @@ def _read(path: str | os.PathLike[str], *, layout: Literal["auto", "mef", "image
           hdu: HduSpec | None = None, variance: Companion | None = None,
           weight: Companion | None = None, sigma: Companion | None = None,
           mask: Companion | None = None, psf: Any = None, saturation: float | None = None,
-          gain: float | None = None, read_noise: float | None = None) -> Exposure:
+          saturation_grow: int = 1, gain: float | None = None,
+          read_noise: float | None = None) -> Exposure:
     module = _exposure_module()
     source = source_name(path)
     given = [name for name, value in (("variance", variance), ("weight", weight),
@@ -668,6 +669,14 @@ def _read(path: str | os.PathLike[str], *, layout: Literal["auto", "mef", "image
         saturated |= comparable >= float(level)
     if digital_max is not None:
         saturated |= comparable >= digital_max
+    if saturation_grow < 0:
+        msg = f"saturation_grow must be >= 0, got {saturation_grow}"
+        raise InputError(msg)
+    if plain and saturation_grow and saturated.any():
+        from scipy import ndimage
+
+        size = 2 * int(saturation_grow) + 1
+        saturated = ndimage.maximum_filter(saturated, size=size, mode="constant")
     add_plane("SAT", saturated)
 
     # Mask companion: non-zero pixels are BAD.
@@ -796,7 +805,8 @@ def read_exposure(path: str | os.PathLike[str], *, hdu: HduSpec | None = None,
                   variance: Companion | None = None, weight: Companion | None = None,
                   sigma: Companion | None = None, mask: Companion | None = None,
                   psf: Companion | Psf | None = None, saturation: float | None = None,
-                  gain: float | None = None, read_noise: float | None = None) -> Exposure:
+                  saturation_grow: int = 1, gain: float | None = None,
+                  read_noise: float | None = None) -> Exposure:
     r"""Read an exposure from a FITS file (multi-extension or plain image).
 
     A file with an ``IMAGE`` HDU and a ``MASK`` or ``VARIANCE`` HDU is read as a
@@ -808,7 +818,9 @@ def read_exposure(path: str | os.PathLike[str], *, hdu: HduSpec | None = None,
     * **mask** — pixels that are NaN/inf (or equal to ``BLANK``) get ``NO_DATA`` and the image
       value 0; pixels ≥ ``saturation`` (default: the ``SATURATE`` keyword) and, for integer
       images, pixels at the largest value the integer type can hold (digital saturation, e.g.
-      65535 for ``uint16``) get ``SAT``; non-zero pixels of the ``mask`` companion get ``BAD``.
+      65535 for ``uint16``) get ``SAT``, grown by ``saturation_grow`` pixels (charge spills into
+      the neighbours of a saturated pixel, as LSST's ISR assumes); non-zero pixels of the
+      ``mask`` companion get ``BAD``.
     * **variance** — from one companion: ``variance`` (:math:`V`), ``weight`` (inverse
       variance, :math:`V = 1/w`; pixels with :math:`w \le 0` get ``NO_DATA``) or ``sigma``
       (:math:`V = \sigma^2`); otherwise estimated (see Notes) from the sky noise measured away
@@ -839,6 +851,9 @@ def read_exposure(path: str | os.PathLike[str], *, hdu: HduSpec | None = None,
     saturation : float, optional
         Saturation level in image units; pixels at or above it get ``SAT``. Overrides the
         ``SATURATE`` keyword (``float("inf")`` disables it).
+    saturation_grow : int, optional
+        Grow the saturated regions of a plain image by this many pixels (a square
+        neighbourhood; default 1, 0 disables).
     gain : float, optional
         Gain (e⁻/ADU) for the variance estimate; overrides ``GAIN``.
     read_noise : float, optional
@@ -885,7 +900,8 @@ def read_exposure(path: str | os.PathLike[str], *, hdu: HduSpec | None = None,
     >>> exp = read_exposure("toros.fits", saturation=65535)                # doctest: +SKIP
     """
     return _read(path, layout="auto", hdu=hdu, variance=variance, weight=weight, sigma=sigma,
-                 mask=mask, psf=psf, saturation=saturation, gain=gain, read_noise=read_noise)
+                 mask=mask, psf=psf, saturation=saturation, saturation_grow=saturation_grow,
+                 gain=gain, read_noise=read_noise)
 
 
 # ------------------------------------------------------------------------------------------
@@ -1068,7 +1084,8 @@ def _read_image(path: str | os.PathLike[str], **kwargs: Any) -> Exposure:
     """Read a plain FITS image with optional companions.
 
     Keyword arguments are those of :func:`skydiff.io.read_exposure`: ``hdu``, ``variance``,
-    ``weight``, ``sigma``, ``mask``, ``psf``, ``saturation``, ``gain``, ``read_noise``.
+    ``weight``, ``sigma``, ``mask``, ``psf``, ``saturation``, ``saturation_grow``, ``gain``,
+    ``read_noise``.
     """
     return _read(path, layout="image", **kwargs)
 

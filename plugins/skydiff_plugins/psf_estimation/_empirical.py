@@ -4,8 +4,10 @@ Steps (all vectorised over stars; the loops run over a few clipping iterations o
 
 1. **Stars**: :func:`skydiff.find_stars` (or the caller's ``sources`` measured with
    :func:`skydiff.measure_stars`); keep the unmasked, unsaturated, isolated stars with
-   converged moments, S/N ≥ ``min_snr`` and the whole stamp inside the image; at most
-   ``max_stars``, the brightest.
+   converged moments, S/N ≥ ``min_snr`` and the whole stamp inside the image, on the stellar
+   locus (the smallest dense mode of the adaptive-moment size, which rejects galaxies, and
+   not narrower than ``min_fwhm``, which rejects cosmic rays and hot pixels; see
+   ``select_locus``); at most ``max_stars``, the brightest.
 2. **Stamps**: the sky (a :func:`skydiff.background_mesh` that ignores the stars' pixels) is
    subtracted and a stamp of side :math:`S + 2m` is cut around the nearest pixel of each
    centroid; each stamp is shifted by its sub-pixel offset with the Fourier shift theorem
@@ -25,6 +27,12 @@ Steps (all vectorised over stars; the loops run over a few clipping iterations o
    fit repeated, up to ``n_clip_iter`` times.
 6. **Order**: the spatial order (≤ ``spatial_order``) with the smallest Akaike information
    criterion is kept (``select_order``).
+7. **Validation**: the model is evaluated on a 5 × 5 grid over the exposure's bbox (corners,
+   edges and centre included); every image must have a positive sum, finite pixels, its
+   peak within a pixel of the centre and a FWHM within a factor 2 of the stars' median. A
+   model that fails is refitted with the next lower spatial order; if even the constant
+   model fails, :class:`skydiff.PsfEstimationError` is raised, so that a caller (the
+   subtraction) can fall back to ``gaussian_moments``.
 
 The result is a :class:`skydiff.PolynomialPsf` whose basis images are the coefficient images
 :math:`A_t` (the PSFEx ``PSF_MASK`` layout) with identity coefficients, or an
@@ -49,12 +57,16 @@ from scipy.spatial import cKDTree
 
 import skydiff
 
-from ._stars import check_exposure, good_stars, star_catalog
+from ._stars import check_exposure, good_stars, star_catalog, stellar_locus
 
 #: Extra pixels on each side of a stamp before the sub-pixel shift (cropped afterwards).
 _MARGIN = 4
 #: Smallest stamp side.
 _MIN_STAMP = 15
+#: Positions per axis of the validation grid over the bbox (odd: includes edges and centre).
+_CHECK_GRID = 5
+#: Largest ratio between the model's FWHM anywhere in the bbox and the stars' median FWHM.
+_MAX_FWHM_RATIO = 2.0
 
 
 @skydiff.configclass
@@ -73,6 +85,17 @@ class EmpiricalPsfConfig(skydiff.Config):
         3, min=1, doc="Fewest usable stars; fewer raise PsfEstimationError.")
     require_isolated: bool = skydiff.Field(
         True, doc="Use only stars without another detection within 2.5 FWHM.")
+    select_locus: bool = skydiff.Field(
+        True, doc="Keep only sources on the stellar locus: the smallest dense mode of the "
+                  "adaptive-moment FWHM among the bright sources, extended while the size "
+                  "density stays high (galaxies are larger, cosmic rays smaller).")
+    max_size_ratio: float = skydiff.RangeField(
+        1.5, min=1.0, inclusive_min=False,
+        doc="Largest FWHM ratio between a star and the centre of the stellar locus (either "
+            "way); bounds the locus of a spatially varying PSF.")
+    min_fwhm: float = skydiff.RangeField(
+        1.0, min=0.0, doc="Sources with an adaptive-moment FWHM below this many pixels "
+                          "(cosmic rays, hot pixels) are never stars.")
     stamp_size: int = skydiff.RangeField(
         0, min=0, doc="Odd side of the PSF image in pixels; 0 chooses "
                       "max(15, 2 ceil(2.5 FWHM) + 1) from the stars' median FWHM.")
@@ -93,7 +116,8 @@ class EmpiricalPsfConfig(skydiff.Config):
     psf_accuracy: float = skydiff.RangeField(
         0.01, min=0.0, doc="Relative accuracy floor of the model (PSFEx PSF_ACCURACY): a star's "
                            "weight is at most 1 / (psf_accuracy x PSF peak)^2, so the brightest "
-                           "stars do not dominate the fit.")
+                           "stars do not dominate the fit; the same floor is added to the "
+                           "pixel variance of the chi-square that rejects outlier stars.")
     clip_sigma: float = skydiff.RangeField(
         4.0, min=1.0, doc="Stars whose log reduced chi-square exceeds the median by this many "
                           "robust sigmas (and whose reduced chi-square exceeds 2) are rejected.")
@@ -149,6 +173,19 @@ def _solve(design: np.ndarray, weights: np.ndarray, data: np.ndarray) -> np.ndar
     return np.linalg.solve(normal + ridge, rhs[:, :, None])[:, :, 0].T
 
 
+def _reduced_chi2(stamps: np.ndarray, model: np.ndarray, flux: np.ndarray, valid: np.ndarray,
+                  variance: np.ndarray, floor: float) -> np.ndarray:
+    r"""Every star's reduced :math:`\chi^2` against ``flux`` × ``model``.
+
+    The variance of a pixel is the image variance plus the model's accuracy floor,
+    :math:`V + f^2 (\epsilon\,P_\mathrm{max})^2` (PSFEx ``PSF_ACCURACY``): a bright star that
+    the model describes to ``psf_accuracy`` is not an outlier because its photon noise is small.
+    """
+    residual = np.where(valid, stamps - flux[:, None] * model, 0.0)
+    total = np.where(valid, variance + floor * flux[:, None] ** 2, 1.0)
+    return (residual**2 / total).sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
+
+
 def _amplitudes(stamps: np.ndarray, model: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Least-squares amplitude of ``model`` in every stamp over its valid pixels."""
     norm = np.einsum("np,np,np->n", model, model, valid)
@@ -168,7 +205,8 @@ class EmpiricalPsfEstimator(skydiff.PsfEstimator):
         If the input is not an Exposure or ``sources`` lacks ``x``/``y``.
     PsfEstimationError
         If fewer than ``min_stars`` usable stars are found (metadata ``n_found``,
-        ``n_needed``) or the fit is singular.
+        ``n_needed``), the fit is singular, or no spatial order down to 0 gives a model
+        that is valid over the whole exposure (metadata ``n_orders_rejected``).
 
     References
     ----------
@@ -209,10 +247,17 @@ class EmpiricalPsfEstimator(skydiff.PsfEstimator):
         config = self.config
         table = star_catalog(exposure, sources, threshold=config.detection_threshold,
                              fwhm=config.fwhm, bad_planes=config.bad_planes)
-        good = good_stars(table, min_snr=config.min_snr, require_isolated=config.require_isolated)
-        if config.require_isolated and int(good.sum()) < config.min_stars:
-            # neighbours are masked in the stamps anyway: fall back to crowded stars
-            good = good_stars(table, min_snr=config.min_snr, require_isolated=False)
+        eligible = good_stars(table, min_snr=config.min_snr, require_isolated=False)
+        if config.select_locus:
+            eligible = stellar_locus(table, eligible, max_ratio=config.max_size_ratio,
+                                     min_fwhm=config.min_fwhm)
+        n_locus = int(eligible.sum())
+        good = eligible
+        if config.require_isolated:
+            good = eligible & np.asarray(table["isolated"], dtype=bool)
+            if int(good.sum()) < config.min_stars:
+                # neighbours are masked in the stamps anyway: fall back to crowded stars
+                good = eligible
         if int(good.sum()) < config.min_stars:
             raise self._fail(int(good.sum()), len(table))
         fwhm = float(np.median(np.asarray(table["fwhm"], dtype=np.float64)[good]))
@@ -296,9 +341,7 @@ class EmpiricalPsfEstimator(skydiff.PsfEstimator):
             model = design @ coefficients  # (n, S²) model at every candidate
             # refit each star's flux to the model at its position, then its chi-square
             flux = _amplitudes(stamps, model, valid)
-            residual = np.where(valid, stamps - flux[:, None] * model, 0.0)
-            chi2 = (residual**2 / np.where(valid, variance, 1.0)).sum(axis=1) / np.maximum(
-                valid.sum(axis=1), 1)
+            chi2 = _reduced_chi2(stamps, model, flux, valid, variance, floor)
             if iteration == config.n_clip_iter:
                 break
             log_chi2 = np.log(np.maximum(chi2, 1e-300))
@@ -316,28 +359,36 @@ class EmpiricalPsfEstimator(skydiff.PsfEstimator):
                                                      mean_variance, floor, use)
             model = _design(px, py, order, bbox) @ coefficients
             flux = _amplitudes(stamps, model, valid)
-            residual = np.where(valid, stamps - flux[:, None] * model, 0.0)
-            chi2 = (residual**2 / np.where(valid, variance, 1.0)).sum(axis=1) / np.maximum(
-                valid.sum(axis=1), 1)
+            chi2 = _reduced_chi2(stamps, model, flux, valid, variance, floor)
 
-        basis = coefficients.reshape(-1, size, size)
-        psf: skydiff.Psf
-        if order == 0:
-            position = (float(np.mean(px[use])), float(np.mean(py[use])))
-            if not basis[0].sum() > 0:
-                msg = "the empirical PSF fit has a non-positive sum"
+        star_fwhm = float(np.median(np.asarray(table["fwhm"], dtype=np.float64)[
+            candidates[use]]))
+        position = (float(np.mean(px[use])), float(np.mean(py[use])))
+        problems: list[str] = []
+        rejected: list[int] = []
+        while True:
+            psf, problem = self._model(coefficients, order, size, bbox, position, star_fwhm)
+            if psf is not None:
+                break
+            problems.append(f"order {order}: {problem}")
+            rejected.append(order)
+            if order == 0:
+                msg = ("the empirical PSF model is invalid inside the exposure at every "
+                       f"spatial order ({'; '.join(problems)}); {n_used} stars were used. "
+                       "Spread the stars over the field, lower spatial_order, or use "
+                       "gaussian_moments")
                 raise skydiff.PsfEstimationError(msg, n_found=n_used,
-                                                 n_needed=int(config.min_stars))
-            psf = skydiff.ImagePsf(basis[0], position=position)
-        else:
-            psf = skydiff.PolynomialPsf(basis, np.eye(basis.shape[0]), order=order, bbox=bbox)
-        try:
-            fwhm_model = float(psf.fwhm())
-            peak = float(psf.kernel_image().max())
-        except skydiff.InputError as exc:
-            msg = f"the empirical PSF model is invalid at the field centre: {exc}"
-            raise skydiff.PsfEstimationError(msg, n_found=n_used,
-                                             n_needed=int(config.min_stars)) from exc
+                                                 n_needed=int(config.min_stars),
+                                                 n_orders_rejected=len(rejected))
+            order -= 1
+            coefficients = self._fit(px, py, bbox, order, stamps, flux, valid, mean_variance,
+                                     floor, use)
+        if rejected:
+            model = _design(px, py, order, bbox) @ coefficients
+            flux = _amplitudes(stamps, model, valid)
+            chi2 = _reduced_chi2(stamps, model, flux, valid, variance, floor)
+        fwhm_model = float(psf.fwhm())
+        peak = float(psf.kernel_image().max())
         normalised = (stamps[use] / flux[use, None] - model[use]) / peak
         residual_rms = float(np.sqrt(np.mean(normalised[valid[use]] ** 2)))
 
@@ -346,9 +397,74 @@ class EmpiricalPsfEstimator(skydiff.PsfEstimator):
         stars["psf_chi2"] = chi2[use]
         metadata = {"n_stars": n_used, "n_candidates": int(candidates.size),
                     "n_rejected": int(candidates.size - n_used), "n_sources": len(table),
-                    "spatial_order": int(order), "stamp_size": int(size), "fwhm": fwhm_model,
+                    "n_locus": n_locus, "spatial_order": int(order),
+                    "rejected_orders": rejected, "stamp_size": int(size), "fwhm": fwhm_model,
                     "residual_rms": residual_rms}
         return psf, stars, metadata
+
+    @staticmethod
+    def _fit(px: np.ndarray, py: np.ndarray, bbox: tuple[float, float, float, float],
+             order: int, stamps: np.ndarray, flux: np.ndarray, valid: np.ndarray,
+             mean_variance: np.ndarray, floor: float, use: np.ndarray) -> np.ndarray:
+        """The (terms, pixels) coefficients of order ``order`` fitted to the ``use`` stars."""
+        safe_flux = np.where(flux > 0, flux, 1.0)
+        weights = np.where(use, 1.0 / (mean_variance / safe_flux**2 + floor), 0.0)
+        return _solve(_design(px, py, order, bbox), weights[:, None] * valid,
+                      stamps / safe_flux[:, None])
+
+    @staticmethod
+    def _model(coefficients: np.ndarray, order: int, size: int,
+               bbox: tuple[float, float, float, float], position: tuple[float, float],
+               star_fwhm: float) -> tuple[skydiff.Psf | None, str]:
+        """The PSF of these coefficients, or None and the reason it is invalid.
+
+        The model is evaluated on a :data:`_CHECK_GRID` × :data:`_CHECK_GRID` grid spanning
+        ``bbox`` (corners, edge midpoints and centre included). Every image must have a
+        positive sum (before normalisation), finite pixels, its maximum within one pixel of
+        the central pixel, and an adaptive-moment FWHM within a factor
+        :data:`_MAX_FWHM_RATIO` of ``star_fwhm``. A polynomial fitted to stars in one part of
+        the field can extrapolate to nonsense elsewhere; this catches it here rather than
+        deep inside a subtraction.
+        """
+        basis = coefficients.reshape(-1, size, size)
+        if not np.all(np.isfinite(basis)):
+            return None, "non-finite coefficients"
+        psf: skydiff.Psf
+        x_min, y_min, x_max, y_max = bbox
+        grid_x, grid_y = np.meshgrid(np.linspace(x_min, x_max, _CHECK_GRID),
+                                     np.linspace(y_min, y_max, _CHECK_GRID))
+        if order == 0:
+            raw = basis[0][None]
+        else:
+            values = skydiff.spatial_functions(grid_x.ravel(), grid_y.ravel(), order=order,
+                                               bbox=bbox)
+            raw = np.einsum("tn,trc->nrc", values, basis)
+        sums = raw.sum(axis=(1, 2))
+        if not np.all(sums > 0):
+            bad = int(np.argmin(sums > 0))
+            where = ("" if order == 0
+                     else f" at (x, y) = ({grid_x.ravel()[bad]:g}, {grid_y.ravel()[bad]:g})")
+            return None, f"non-positive sum {sums[bad]:.3g}{where}"
+        images = raw / sums[:, None, None]
+        centre = size // 2
+        for index, image in enumerate(images):
+            where = ("" if order == 0
+                     else f" at (x, y) = ({grid_x.ravel()[index]:g}, {grid_y.ravel()[index]:g})")
+            row, col = np.unravel_index(int(np.argmax(image)), image.shape)
+            if max(abs(int(row) - centre), abs(int(col) - centre)) > 1:
+                return None, f"peak off centre{where}"
+            try:
+                fwhm = skydiff.psf_fwhm_from_image(image)
+            except skydiff.InputError as exc:
+                return None, f"no FWHM{where} ({exc})"
+            if not (math.isfinite(fwhm)
+                    and 1.0 / _MAX_FWHM_RATIO <= fwhm / star_fwhm <= _MAX_FWHM_RATIO):
+                return None, f"FWHM {fwhm:.3g} px{where} vs {star_fwhm:.3g} px of the stars"
+        if order == 0:
+            psf = skydiff.ImagePsf(basis[0], position=position)
+        else:
+            psf = skydiff.PolynomialPsf(basis, np.eye(basis.shape[0]), order=order, bbox=bbox)
+        return psf, ""
 
     def _shape_inliers(self, table: Table, candidates: np.ndarray,
                        bbox: tuple[float, float, float, float]) -> np.ndarray:

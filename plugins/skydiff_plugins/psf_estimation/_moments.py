@@ -9,7 +9,7 @@ from astropy.table import Table
 
 import skydiff
 
-from ._stars import check_exposure, good_stars, star_catalog
+from ._stars import check_exposure, good_stars, star_catalog, stellar_locus
 
 
 @skydiff.configclass
@@ -23,6 +23,17 @@ class GaussianMomentsPsfConfig(skydiff.Config):
         10.0, min=0.0, doc="Smallest flux S/N of a star used for the moments.")
     require_isolated: bool = skydiff.Field(
         True, doc="Use only isolated stars, unless none is isolated (then all good stars).")
+    select_locus: bool = skydiff.Field(
+        True, doc="Keep only sources on the stellar locus: the smallest dense mode of the "
+                  "adaptive-moment FWHM among the bright sources, extended while the size "
+                  "density stays high (galaxies are larger, cosmic rays smaller).")
+    max_size_ratio: float = skydiff.RangeField(
+        1.5, min=1.0, inclusive_min=False,
+        doc="Largest FWHM ratio between a star and the centre of the stellar locus (either "
+            "way).")
+    min_fwhm: float = skydiff.RangeField(
+        1.0, min=0.0, doc="Sources with an adaptive-moment FWHM below this many pixels "
+                          "(cosmic rays, hot pixels) are never stars.")
     fwhm: float | None = skydiff.RangeField(
         None, min=0.1, optional=True,
         doc="Guess of the PSF FWHM in pixels for the detection filter; None estimates it.")
@@ -35,9 +46,11 @@ class GaussianMomentsPsfEstimator(skydiff.PsfEstimator):
     r"""A circular Gaussian PSF with the median adaptive size of the good stars.
 
     The stars (detected with :func:`skydiff.find_stars`, or the given ``sources`` measured
-    with :func:`skydiff.measure_stars`) that are unmasked, unsaturated, isolated and above
-    ``min_snr`` give adaptive moments :math:`I_{xx}, I_{yy}` (Bernstein & Jarvis 2002); the
-    PSF is the :class:`~skydiff.GaussianPsf` of
+    with :func:`skydiff.measure_stars`) that are unmasked, unsaturated, isolated, above
+    ``min_snr`` and on the stellar locus (the smallest dense mode of the size distribution,
+    so galaxies and cosmic rays are rejected; ``select_locus``) give adaptive moments
+    :math:`I_{xx}, I_{yy}` (Bernstein & Jarvis 2002); the PSF is the
+    :class:`~skydiff.GaussianPsf` of
 
     .. math:: \sigma = \operatorname{median}_i \sqrt{(I_{xx,i} + I_{yy,i})/2},
 
@@ -74,14 +87,20 @@ class GaussianMomentsPsfEstimator(skydiff.PsfEstimator):
         with self.timer("run"):
             table = star_catalog(exposure, sources, threshold=config.detection_threshold,
                                  fwhm=config.fwhm, bad_planes=config.bad_planes)
-            good = good_stars(table, min_snr=config.min_snr,
-                              require_isolated=config.require_isolated)
-            if config.require_isolated and not good.any():
-                good = good_stars(table, min_snr=config.min_snr, require_isolated=False)
+            eligible = good_stars(table, min_snr=config.min_snr, require_isolated=False)
+            if config.select_locus:
+                eligible = stellar_locus(table, eligible, max_ratio=config.max_size_ratio,
+                                         min_fwhm=config.min_fwhm)
+            good = eligible
+            if config.require_isolated:
+                good = eligible & np.asarray(table["isolated"], dtype=bool)
+                if not good.any():
+                    good = eligible
             n_good = int(good.sum())
             if n_good == 0:
                 msg = (f"no usable star for a Gaussian PSF: {len(table)} sources, 0 unmasked, "
-                       f"unsaturated with S/N >= {config.min_snr:g}; need at least 1")
+                       f"unsaturated, on the stellar locus with S/N >= {config.min_snr:g}; "
+                       "need at least 1")
                 raise skydiff.PsfEstimationError(msg, n_found=0, n_needed=1,
                                                  n_sources=len(table))
             stars = table[good]

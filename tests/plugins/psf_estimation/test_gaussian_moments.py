@@ -65,3 +65,32 @@ def test_no_star_raises() -> None:
     assert info.value.metadata["n_needed"] == 1
     with pytest.raises(skydiff.InputError):
         GaussianMomentsPsfEstimator().run(noise, sources=Table({"x": [1.0]}))
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_galaxies_and_hot_pixels_are_not_stars(seed: int) -> None:
+    # 60 stars, 180 brighter-or-equal galaxies of 2-4x the PSF's FWHM and 30 hot pixels
+    pair = simulate_pair(shape=(512, 512), n_stars=60, seed=seed, flux_min=2e4, flux_max=2e5,
+                         science={"fwhm": 3.0})
+    rng = np.random.default_rng(seed + 100)
+    image = np.array(pair.science.image, dtype=np.float64)
+    rows, cols = np.mgrid[0:512, 0:512]
+    for _ in range(180):
+        xc, yc = rng.uniform(20, 492, 2)
+        sigma = 3.0 / 2.3548 * rng.uniform(2.0, 4.0)
+        q = rng.uniform(0.5, 1.0)
+        angle = rng.uniform(0, np.pi)
+        dx, dy = cols - xc, rows - yc
+        u = dx * np.cos(angle) + dy * np.sin(angle)
+        v = -dx * np.sin(angle) + dy * np.cos(angle)
+        flux = rng.uniform(2e4, 2e5)
+        image += flux / (2 * np.pi * sigma**2 * q) * np.exp(-0.5 * (u**2 + (v / q) ** 2)
+                                                             / sigma**2)
+    hot = rng.integers(10, 502, (30, 2))
+    image[hot[:, 0], hot[:, 1]] += rng.uniform(2e3, 2e4, 30)
+    exposure = pair.science.evolve(image=image, psf=None)
+    result = GaussianMomentsPsfEstimator().run(exposure)
+    assert result.psf.fwhm() == pytest.approx(3.0, rel=0.03)
+    assert np.all(np.asarray(result.sources["fwhm"]) < 1.3 * 3.0)
+    blind = GaussianMomentsPsfEstimator(GaussianMomentsPsfConfig(select_locus=False))
+    assert blind.run(exposure).psf.fwhm() > 1.5 * 3.0  # the galaxies' width without the locus
