@@ -10,7 +10,8 @@ thresholds are wrong. The plugins here undo that:
 ``dmtn021``
     one global whitening filter :math:`\hat\phi = \sqrt{(\sigma^2_u + \sigma^2_c k_\Sigma^2) /
     (\sigma^2_u + \sigma^2_c|\hat\kappa|^2)}` with the kernel at the image centre (Reiss &
-    Lupton, DMTN-021), variance planes per DMTN-179 §5 and an updated PSF;
+    Lupton, DMTN-021), variance planes per DMTN-179 §5 and an updated, spatially varying
+    PSF (:math:`\phi\otimes P(x, y)`: a PolynomialPsf stays a PolynomialPsf);
 ``dmtn021_spatial``
     the same per cell of a grid, with the local kernel and variances, blended without seams by
     :func:`skydiff.map_reduce`;

@@ -3,6 +3,7 @@ r"""The decorrelation plugins: ``none``, ``dmtn021``, ``dmtn021_spatial`` and ``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -212,10 +213,71 @@ class _Corrector(skydiff.Decorrelator):
 
     def _bad_pixels(self, exposure: skydiff.Exposure) -> NDArray[np.bool_]:
         bad = ~np.isfinite(exposure.image)
-        bits = self._bits(exposure, tuple(self.config.replace_planes))
-        if bits:
-            bad |= (exposure.mask & np.uint32(bits)) != 0
+        flagged = self._replaced(exposure)
+        if flagged is not None:
+            bad |= flagged
         return bad
+
+    def _replaced(self, exposure: skydiff.Exposure) -> NDArray[np.bool_] | None:
+        """Pixels with a ``replace_planes`` bit, or None when no pixel has one (a cheap
+        bitwise-OR reduction decides; non-finite pixels are found by the filtering)."""
+        bits = np.uint32(self._bits(exposure, tuple(self.config.replace_planes)))
+        if not bits or not int(np.bitwise_or.reduce(exposure.mask, axis=None)) & int(bits):
+            return None
+        return (exposure.mask & bits) != 0
+
+    def _filtered_psf(self, model: skydiff.Psf, kernel: NDArray[np.float64] | None,
+                      position: tuple[float, float],
+                      centre: Callable[[NDArray[np.float64]], NDArray[np.float64]]
+                      ) -> tuple[skydiff.Psf | None, str]:
+        r"""The PSF of an image filtered by ``kernel`` whose input PSF is ``model``.
+
+        Parameters
+        ----------
+        model : skydiff.Psf
+            The PSF of the filtered image's input.
+        kernel : ndarray or None
+            The compact image-space filter (unit sum), or None when it is not compact.
+        position : tuple of float
+            ``(x, y)`` of the image centre.
+        centre : callable
+            Maps the input PSF image at the centre to the filtered one (fallback path).
+
+        Returns
+        -------
+        psf : skydiff.Psf or None
+            :math:`k\otimes P(x, y)`: a :class:`~skydiff.PolynomialPsf` with the model's
+            coefficients and filtered basis images for a PolynomialPsf model, else an
+            :class:`~skydiff.ImagePsf` at the centre; None if the result is unusable.
+        how : {"polynomial", "constant", "centre"}
+            ``"centre"`` when a spatially varying model had to be reduced to its centre.
+        """
+        x, y = position
+        if isinstance(model, skydiff.PolynomialPsf):
+            if kernel is not None:
+                try:
+                    return _math.filtered_polynomial_psf(model, kernel[None], 0), "polynomial"
+                except skydiff.InputError as exc:
+                    self.log.warning("the filtered PolynomialPsf is invalid (%s); using the "
+                                     "decorrelated PSF at the image centre only", exc)
+            else:
+                self.log.warning(
+                    "the decorrelation filter is broader than %d pixels, so the spatially "
+                    "varying PSF cannot be filtered exactly; using the decorrelated PSF at the "
+                    "image centre only", _math.MAX_FILTER_HALF)
+            how = "centre"
+        elif isinstance(model, skydiff.GaussianPsf | skydiff.ImagePsf):
+            how = "constant"
+        else:
+            self.log.warning(
+                "the difference PSF (%s) is not a PolynomialPsf, GaussianPsf or ImagePsf, so "
+                "its spatial variation is unknown; the decorrelated PSF is evaluated at the "
+                "image centre only", type(model).__name__)
+            how = "centre"
+        stamp = _psf_stamp(model, x, y)
+        filtered = (_math.filtered_psf_image(stamp, kernel) if kernel is not None
+                    else centre(stamp))
+        return _math.psf_from_stamp(filtered, (x, y)), how
 
 
 def _frozen(array: NDArray[Any]) -> NDArray[Any]:
@@ -298,14 +360,23 @@ class Dmtn021Decorrelator(_Corrector):
     * :math:`\sigma^2_u, \sigma^2_c` are 3σ-clipped means (3 iterations) of the *original*
       science and template variance planes, without the pixels of
       ``statistics_excluded_planes``.
-    * **Padding.** The difference is zero-padded by twice the kernel size after subtracting
-      the mean of its good pixels (added back afterwards): beyond its edges the image
-      continues as its mean, the filter neither wraps around nor leaks a background offset,
-      and, unlike reflection, padding adds no mirrored copy of the noise that would correlate
-      the edge pixels. Non-finite and ``replace_planes`` pixels are set to the mean while
-      filtering and restored afterwards.
-    * **Variance** (DMTN-179 §5). With the overall filters :math:`\hat c_u = \hat\phi` and
-      :math:`\hat c_c = \hat\kappa\hat\phi` of the two inputs, by default
+    * **The filter in image space.** :math:`\hat\phi` is real, even and smooth, so
+      :math:`\phi` is point-symmetric and compact: it is computed on a small grid (inverse
+      FFT of :math:`\hat\phi`) and cut to the smallest centred square outside which
+      :math:`\sum|\phi|` is at most :data:`~._math.FILTER_TOLERANCE` = :math:`10^{-7}` of
+      its L1 norm (half-width :math:`h`, typically 10–50 pixels), then renormalised to unit
+      sum. That cut :math:`\phi` is exactly the filter applied to the image and to the PSF;
+      it differs from the untruncated one by less than the float32 resolution of the data.
+      A filter broader than :data:`~._math.MAX_FILTER_HALF` pixels (a near-deconvolution)
+      is applied through its exact evaluation on the FFT grid instead.
+    * **Padding.** The difference is zero-padded by :math:`h` pixels (the support of
+      :math:`\phi`, so the circular convolution wraps nothing) after subtracting the mean of
+      its good pixels (added back afterwards): beyond its edges the image continues as its
+      mean, the filter leaks no background offset, and, unlike reflection, padding adds no
+      mirrored copy of the noise that would correlate the edge pixels. Non-finite and
+      ``replace_planes`` pixels are set to the mean while filtering and restored afterwards.
+    * **Variance** (DMTN-179 §5). With the overall filters :math:`c_u = \phi` and
+      :math:`c_c = \kappa\otimes\phi` of the two inputs, by default
 
       .. math::
 
@@ -317,12 +388,30 @@ class Dmtn021Decorrelator(_Corrector):
     * **convolveScience.** The AL difference is then
       :math:`D = (\kappa \otimes S - T)/k_\Sigma`, in the science's flux units; the filter is
       the same with :math:`u = T, c = S`, and the variance is divided by :math:`k_\Sigma^2`.
-    * **PSF.** The PSF of the output is updated to :math:`P_D = \phi \otimes P` (an
-      :class:`~skydiff.ImagePsf` at the image centre), :math:`P` the difference's PSF
-      (science PSF when the template was convolved, template PSF otherwise). Upstream leaves
-      the PSF stale (DM-47461); ``update_psf = false`` restores that behaviour.
-    * **Cost.** One forward and one inverse ``float32`` FFT of the padded image; the filter is
-      built on the ``rfft`` grid from the kernel's DFT by two small matrix products.
+    * **PSF.** A point source of the unconvolved image at :math:`(x, y)` appears in the
+      output as :math:`P_D(x, y) = \phi\otimes P(x, y)`, :math:`P` the difference's PSF
+      (science PSF when the template was convolved, template PSF otherwise): one global
+      filter acts on every position's PSF. For a :class:`~skydiff.PolynomialPsf`
+      :math:`P = \sum_i c_i(x, y)\,\beta_i` (the ``empirical`` PSF estimator, PSFEx models,
+      the simulator with ``fwhm_gradient``) the output PSF is the PolynomialPsf with the
+      same coefficients and the basis images :math:`\phi\otimes\beta_i` — exact at every
+      position (:func:`~._math.filtered_polynomial_psf`; the sums of the basis images are
+      unchanged, so the model normalises as before). A
+      :class:`~skydiff.GaussianPsf` or :class:`~skydiff.ImagePsf` gives an
+      :class:`~skydiff.ImagePsf` of :math:`\phi\otimes P`. Any other PSF implementing only
+      the :class:`~skydiff.Psf` protocol is filtered at the image centre, with a logged
+      warning (its variation is unknown). Metadata ``psf_model`` says which
+      (``"polynomial"``, ``"constant"``, ``"centre"``). Upstream leaves the PSF stale
+      (DM-47461); ``update_psf = false`` restores that behaviour.
+    * **Cost** (2048×4096, measured against one full-frame float32 ``scipy.fft.rfft2``):
+      one forward and one inverse ``float32`` FFT of the frame padded by :math:`h` (rows
+      transformed only where there is data, caller-owned buffers), the filter's real
+      spectrum evaluated by blocks of rows as one small real matrix product each and
+      applied while in cache, the normalisation folded into it, the mean taken from
+      float32 row sums (a non-finite total reveals non-finite pixels, so no full-frame
+      finiteness mask is built unless one exists), the mask-plane test by one bitwise-OR
+      reduction, the variance combined by blocks of rows, and no full-frame float64
+      temporary.
 
     The mask is unchanged. A warning is logged when :math:`\sigma^2_c/\sigma^2_u` exceeds
     ``divergence_ratio`` (the filter then approaches a deconvolution).
@@ -378,20 +467,24 @@ class Dmtn021Decorrelator(_Corrector):
                 self._sigma2(unconvolved, label="unconvolved"),
                 self._sigma2(convolved, label="convolved"))
             self._check_sigmas(correction.sigma2_u, correction.sigma2_c)
+            compact = correction.compact_filter()
             image, variance, w_u, w_c = _math.decorrelate_block(
-                difference.image, self._bad_pixels(difference), unconvolved.variance,
+                difference.image, self._replaced(difference), unconvolved.variance,
                 convolved.variance, correction, complete_variance=self.config.complete_variance,
-                variance_scale=_variance_scale(correction, subtraction))
+                variance_scale=_variance_scale(correction, subtraction), compact=compact)
             psf = difference.psf
             updated = False
+            how = "none"
             model = _difference_psf(science, template, subtraction)
             if self.config.update_psf and model is not None:
-                new = _math.psf_from_stamp(correction.filtered_psf(_psf_stamp(model, cx, cy)),
-                                           (cx, cy))
+                new, how = self._filtered_psf(
+                    model, None if compact is None else compact.image, (cx, cy),
+                    correction.filtered_psf)
                 if new is not None:
                     psf, updated = new, True
         metadata = _metadata(correction, w_u, w_c, subtraction)
-        metadata["psf_updated"] = updated
+        metadata.update(psf_updated=updated, psf_model=how if updated else "none",
+                        filter_half_width=-1 if compact is None else compact.half)
         corrected = difference.evolve(image=_frozen(image), variance=_frozen(variance),
                                       psf=psf)
         return skydiff.DecorrelationResult(difference=corrected, score=subtraction.score,
@@ -415,12 +508,21 @@ class SpatialDmtn021Decorrelator(_Corrector):
     results are blended with :func:`skydiff.map_reduce` (``blend="taper"``: smooth
     :math:`\cos^2` weights over the middle half of each overlap, summing to one, no seams).
 
-    **PSF.** The difference PSF at each cell centre is decorrelated with that cell's filter;
-    the output PSF is a :class:`~skydiff.PolynomialPsf` whose spatial images are the
-    least-squares fit of polynomials of total degree ``psf_order`` (lowered until there are
-    at least as many cells as terms) to the cells' PSFs over the image — exact at the cell
-    centres for as many cells as terms, smooth in between — or an
-    :class:`~skydiff.ImagePsf` for a single cell. (Upstream stitches a ``CoaddPsf``.)
+    **PSF.** A point source at :math:`(x, y)` appears as :math:`\phi(x, y)\otimes P(x, y)`,
+    with :math:`\phi(x, y)` the (blended) filter of the cells around it and :math:`P` the
+    difference's PSF. The cells' image-space filters :math:`\phi_c` (compact, unit sum; see
+    :class:`Dmtn021Decorrelator`) are fitted by polynomials of total degree ``psf_order``
+    (lowered until there are at least as many cells as terms) over the PSF model's bbox —
+    exact at the cell centres for as many cells as terms, smooth in between — and the
+    output PSF is :math:`\phi(x, y)\otimes P(x, y)` built exactly from that fit: for a
+    :class:`~skydiff.PolynomialPsf` :math:`P` of degree :math:`p` a PolynomialPsf of degree
+    :math:`p + q` whose basis images are the filter terms convolved with :math:`P`'s basis
+    images (so it reduces to ``dmtn021``'s PSF for a constant kernel, and the spatial
+    variation of :math:`P` is never refitted); for a GaussianPsf or ImagePsf a
+    PolynomialPsf of degree ``psf_order`` over the image (an :class:`~skydiff.ImagePsf` for
+    a single cell). For a PSF known only through the protocol (or cells whose filter is not
+    compact) the cells' PSFs :math:`\phi_c\otimes P(x_c, y_c)` are fitted instead.
+    (Upstream stitches a ``CoaddPsf``.)
 
     Metadata holds the per-cell values as lists in grid order (row-major).
 
@@ -492,12 +594,13 @@ class SpatialDmtn021Decorrelator(_Corrector):
                 self._sigma2(unconvolved, rows, cols, label="unconvolved"),
                 self._sigma2(convolved, rows, cols, label="convolved"))
             self._check_sigmas(correction.sigma2_u, correction.sigma2_c)
+            compact = correction.compact_filter()
             image, variance, w_u, w_c = _math.decorrelate_block(
                 cut["image"], cut["bad"], cut["variance_u"], cut["variance_c"], correction,
                 complete_variance=self.config.complete_variance,
-                variance_scale=_variance_scale(correction, subtraction))
+                variance_scale=_variance_scale(correction, subtraction), compact=compact)
             record = _metadata(correction, w_u, w_c, subtraction)
-            record.update(x=x, y=y, correction=correction)
+            record.update(x=x, y=y, correction=correction, compact=compact)
             records.append(record)
             return {"image": image, "variance": variance}
 
@@ -525,15 +628,21 @@ class SpatialDmtn021Decorrelator(_Corrector):
 
     def _stitched_psf(self, model: skydiff.Psf, records: list[dict[str, Any]],
                       difference: skydiff.Exposure) -> skydiff.Psf | None:
-        """The decorrelated PSF over the cells: a PolynomialPsf (or an ImagePsf)."""
-        stamps = [r["correction"].filtered_psf(_psf_stamp(model, r["x"], r["y"]))
-                  for r in records]
-        size = max(s.shape[0] for s in stamps)
-        cube = np.zeros((len(stamps), size, size))
-        for index, stamp in enumerate(stamps):
-            pad = (size - stamp.shape[0]) // 2
-            cube[index, pad:pad + stamp.shape[0], pad:pad + stamp.shape[0]] = (
-                stamp / stamp.sum())
+        r"""The decorrelated PSF over the cells: a PolynomialPsf (or an ImagePsf).
+
+        The filters :math:`\phi_c` of the cells (image space, unit sum) are fitted by
+        polynomials of degree ``psf_order`` (lowered until there are as many cells as
+        terms; degree 0 takes the cell nearest the centre) over the PSF model's ``bbox``:
+        :math:`\phi(x, y) = \sum_t g_t(x, y)\Phi_t`. The output PSF is
+        :math:`\phi(x, y)\otimes P(x, y)`, built exactly by
+        :func:`~._math.filtered_polynomial_psf`: for a PolynomialPsf :math:`P` of degree
+        :math:`p` a PolynomialPsf of degree :math:`p + q` (with :math:`q = 0`: the model's
+        coefficients and the basis :math:`\phi\otimes\beta_i`, as ``dmtn021``), for a
+        GaussianPsf or ImagePsf one of degree :math:`q` over the difference's bbox (an
+        ImagePsf for :math:`q = 0`). A PSF known only through the protocol, or cells whose
+        filter is not compact, fall back to fitting the cells' PSFs
+        :math:`\phi_c\otimes P(x_c, y_c)` directly.
+        """
         xs = np.array([r["x"] for r in records])
         ys = np.array([r["y"] for r in records])
         x_min, y_min, x_max, y_max = difference.bbox
@@ -541,17 +650,69 @@ class SpatialDmtn021Decorrelator(_Corrector):
         order = self.config.psf_order
         while order > 0 and (order + 1) * (order + 2) // 2 > len(records):
             order -= 1
-        if order == 0 or bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
-            index = int(np.argmin((xs - 0.5 * (bbox[0] + bbox[2])) ** 2
-                                  + (ys - 0.5 * (bbox[1] + bbox[3])) ** 2))
-            return _math.psf_from_stamp(cube[index], (float(xs[index]), float(ys[index])))
+        degenerate = bbox[2] <= bbox[0] or bbox[3] <= bbox[1]
+        if degenerate:
+            order = 0
+        nearest = int(np.argmin((xs - 0.5 * (bbox[0] + bbox[2])) ** 2
+                                + (ys - 0.5 * (bbox[1] + bbox[3])) ** 2))
+        compacts = [r["compact"] for r in records]
+        if all(c is not None for c in compacts):
+            filters = _stack_centred([c.image for c in compacts])
+            if isinstance(model, skydiff.PolynomialPsf | skydiff.GaussianPsf | skydiff.ImagePsf):
+                base = model if isinstance(model, skydiff.PolynomialPsf) else None
+                if base is None and degenerate:
+                    stamp = _psf_stamp(model, xs[nearest], ys[nearest])
+                    return _math.psf_from_stamp(
+                        _math.filtered_psf_image(stamp, filters[nearest]),
+                        (float(xs[nearest]), float(ys[nearest])))
+                if base is None:
+                    cx, cy = _center(difference)
+                    base = skydiff.PolynomialPsf(_psf_stamp(model, cx, cy)[None], [[1.0]],
+                                                 order=0, bbox=bbox)
+                if order == 0:
+                    field = filters[nearest][None]
+                else:
+                    terms = skydiff.spatial_functions(xs, ys, order=order, bbox=base.bbox,
+                                                      kind=base.kind)
+                    solution, *_ = np.linalg.lstsq(
+                        terms.T, filters.reshape(len(records), -1), rcond=None)
+                    field = solution.reshape(-1, *filters.shape[1:])
+                try:
+                    psf = _math.filtered_polynomial_psf(base, field, order)
+                except skydiff.InputError:
+                    return None
+                if base is not model and order == 0:
+                    return _math.psf_from_stamp(psf.kernel_image(),
+                                                (float(xs[nearest]), float(ys[nearest])))
+                return psf
+            stamps = [_math.filtered_psf_image(_psf_stamp(model, x, y), phi)
+                      for x, y, phi in zip(xs, ys, filters, strict=True)]
+        else:
+            self.log.warning(
+                "a cell's decorrelation filter is broader than %d pixels; its PSF is "
+                "evaluated at the cell centre", _math.MAX_FILTER_HALF)
+            stamps = [r["correction"].filtered_psf(_psf_stamp(model, r["x"], r["y"]))
+                      for r in records]
+        cube = _stack_centred([stamp / stamp.sum() for stamp in stamps])
+        if order == 0:
+            return _math.psf_from_stamp(cube[nearest], (float(xs[nearest]), float(ys[nearest])))
         terms = skydiff.spatial_functions(xs, ys, order=order, bbox=bbox)  # (n_terms, n)
         solution, *_ = np.linalg.lstsq(terms.T, cube.reshape(len(records), -1), rcond=None)
-        basis = solution.reshape(-1, size, size)
+        basis = solution.reshape(-1, *cube.shape[1:])
         try:
             return skydiff.PolynomialPsf(basis, np.eye(basis.shape[0]), order=order, bbox=bbox)
         except skydiff.InputError:
             return None
+
+
+def _stack_centred(stamps: list[NDArray[np.float64]]) -> NDArray[np.float64]:
+    """Odd square stamps of different sizes, zero-padded about their centres to one size."""
+    size = max(stamp.shape[0] for stamp in stamps)
+    cube = np.zeros((len(stamps), size, size))
+    for index, stamp in enumerate(stamps):
+        pad = (size - stamp.shape[0]) // 2
+        cube[index, pad:pad + stamp.shape[0], pad:pad + stamp.shape[0]] = stamp
+    return cube
 
 
 # ------------------------------------------------------------------------------------------
@@ -596,7 +757,17 @@ class ScoreDecorrelator(_Corrector):
     **PSF** of the score: its response to a point source of the unconvolved image,
     :math:`\mathcal F^{-1}[\hat c\,|\hat H|^2]` — the PSF correlated with itself, reweighted by
     :math:`\hat c`; this is ZOGY's :math:`P_S = |\hat P_D|^2` (normalised to unit sum), and
-    exactly the PSF's autocorrelation for a noiseless template.
+    exactly the PSF's autocorrelation for a noiseless template. In general a point source at
+    :math:`(x, y)` responds with :math:`c_u\otimes P_u(x, y)`, :math:`c_u = H\otimes c` the
+    overall filter of the unconvolved image and :math:`P_u` its PSF (the science PSF for the
+    pre-filtered path, the difference's PSF otherwise); :math:`c_u` is global and compact, so
+    for a :class:`~skydiff.PolynomialPsf` :math:`P_u` the score PSF is the PolynomialPsf with
+    the same coefficients and the basis images :math:`c_u\otimes\beta_i` (cut at
+    :data:`~._math.FILTER_TOLERANCE`, as for ``dmtn021``), exact at every position — it
+    costs a few small FFTs. A constant PSF (Gaussian, image) keeps the expression above at
+    the centre; a PSF known only through the protocol is evaluated at the centre with a
+    warning. (:math:`H` itself is the PSF at one position: the matched filter is not
+    re-optimised across the field, only its response is described exactly.)
 
     The difference is returned unchanged; the corrected score is ``result.score``.
 
@@ -644,6 +815,9 @@ class ScoreDecorrelator(_Corrector):
         cx, cy = _center(source)
         prefiltered = subtraction.prefilter is not None
         psf_stamp: NDArray[np.float64] | None = None
+        # the PSF of the unconvolved input: the science for a pre-filtered subtraction (whose
+        # difference carries H ⊗ P_S), the difference's own otherwise
+        model = science.psf if prefiltered else _difference_psf(science, template, subtraction)
         if prefiltered:
             if subtraction.convolved != "template":
                 msg = ("a pre-filtered (pre-convolution) subtraction must convolve the "
@@ -651,7 +825,6 @@ class ScoreDecorrelator(_Corrector):
                 raise skydiff.InputError(msg)
             prefilter = self._prefilter(subtraction.prefilter)
         else:
-            model = _difference_psf(science, template, subtraction)
             if model is None:
                 msg = ("the score of a plain difference needs its PSF (difference, science or "
                        "template PSF) for the matched filter; none is set")
@@ -672,12 +845,28 @@ class ScoreDecorrelator(_Corrector):
                 variance_scale=_variance_scale(correction, subtraction))
             psf = source.psf
             updated = False
+            how = "none"
             if self.config.update_psf:
-                new = _math.psf_from_stamp(correction.filtered_psf(psf_stamp), (cx, cy))
+                if isinstance(model, skydiff.PolynomialPsf) or (
+                        model is not None and not prefiltered):
+                    # c_u ⊗ P(x, y) for a PolynomialPsf; the centre otherwise (exact for
+                    # GaussianPsf / ImagePsf, with a warning for protocol-only PSFs)
+                    kernel_u: NDArray[np.float64] | None = None
+                    if isinstance(model, skydiff.PolynomialPsf):
+                        kernel_u, compact = correction.unconvolved_kernel()
+                        kernel_u = kernel_u if compact else None
+                    new, how = self._filtered_psf(
+                        model, kernel_u, (cx, cy),
+                        lambda stamp: correction.filtered_psf(
+                            None if prefiltered else stamp))
+                else:
+                    new, how = _math.psf_from_stamp(correction.filtered_psf(psf_stamp),
+                                                    (cx, cy)), "constant"
                 if new is not None:
                     psf, updated = new, True
         metadata = _metadata(correction, w_u, w_c, subtraction)
-        metadata.update(prefiltered=prefiltered, psf_updated=updated)
+        metadata.update(prefiltered=prefiltered, psf_updated=updated,
+                        psf_model=how if updated else "none")
         score = source.evolve(image=_frozen(image), variance=_frozen(variance), psf=psf)
         return skydiff.DecorrelationResult(difference=subtraction.difference, score=score,
                                            metadata=metadata)

@@ -5,11 +5,18 @@ with sum :math:`k_\Sigma`, :math:`u` the image the kernel did not convolve and :
 it convolved, :math:`\sigma^2_u, \sigma^2_c` their clipped-mean variances, :math:`H` the
 pre-filter of the score path. Transforms of small images (kernels, PSFs) are *centred*: the
 central pixel is the origin, so real even images have real spectra and no shift is introduced.
+
+Full-frame transforms go through SciPy's pocketfft binding with caller-owned output buffers
+(``skydiff._fft.POCKETFFT``, probed once by the core's private FFT engine; this plugin ships in
+the same distribution as the core and falls back to the public :mod:`scipy.fft` functions when
+the probe failed).
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from typing import Literal
 
 import attrs
@@ -18,12 +25,19 @@ import scipy.fft
 from numpy.typing import ArrayLike, NDArray
 
 import skydiff
+from skydiff import _fft  # private core module: the probed pocketfft binding (same distribution)
 
 __all__ = [
+    "FILTER_TOLERANCE",
+    "MAX_FILTER_HALF",
     "PREFILTER_FLOOR",
+    "CompactFilter",
     "Correction",
     "centered_spectrum",
+    "compact_half_width",
     "decorrelate_block",
+    "filtered_polynomial_psf",
+    "filtered_psf_image",
     "hermitian_sum",
     "variance_level",
 ]
@@ -42,6 +56,34 @@ _MIN_DENOMINATOR = 1e-12
 #: Statistics use at most this many pixels, taken on a regular stride (the clipped mean of
 #: 2**16 samples of a variance plane is precise to ≈0.4 % of its pixel-to-pixel scatter).
 _MAX_STAT_PIXELS = 2**16
+#: Crop tolerance of the image-space filters. A filter is cut to the smallest centred odd
+#: square outside which the sum of its absolute values is at most this fraction of the total
+#: (its L1 norm). For an image with :math:`|x| \le M` the cut changes no filtered pixel by
+#: more than ``FILTER_TOLERANCE`` :math:`\cdot\|\phi\|_1 M` (at most twice that with the
+#: unit sum restored on the central pixel): below the float32 rounding of the FFT filtering
+#: itself, :math:`\approx 3\times 10^{-8}\,\|\phi\|_1 M` (measured against float64; the
+#: filters met in practice have :math:`\|\phi\|_1` between 1.4 and 25). A PSF made with the
+#: cut filter loses at most this fraction of its L1 norm. Each factor of 10 costs a few
+#: pixels of half-width (the filters decay exponentially).
+FILTER_TOLERANCE = 1e-8
+#: Above this L1 norm of the compact filter its spectrum is evaluated in float64 (then
+#: rounded to float32): the evaluation's absolute rounding is :math:`\epsilon\|\phi\|_1`
+#: while :math:`\hat\phi \ge 1`, so float32 keeps float32 accuracy only for small norms.
+_FLOAT32_MAX_L1 = 4.0
+#: Largest half-width (pixels) of a compact filter. A broader filter (the correction then
+#: approaches a deconvolution, e.g. σ²_c ≫ σ²_u with a broad kernel) is applied through its
+#: exact evaluation on the rfft grid instead.
+MAX_FILTER_HALF = 128
+#: Side of the first small grid on which a compact filter is looked for (doubled until the
+#: filter's half-width is at most a quarter of the grid, so that the periodic wrap of the
+#: small-grid transform is below the crop tolerance too).
+_MIN_FILTER_GRID = 64
+#: Rows per block when a full-frame array is processed by blocks (the blocks stay in cache
+#: between the steps applied to them).
+_BLOCK_ROWS = 64
+#: Largest matrix product (multiply-adds) of one block of the filter evaluation: OpenBLAS
+#: runs products up to about twice 2**18 multiply-adds on a single thread.
+_SERIAL_GEMM_SIZE = 2**19 - 1
 
 Kind = Literal["diffim", "score_prefiltered", "score_matched"]
 
@@ -64,7 +106,7 @@ def variance_level(variance: NDArray[np.float32], mask: NDArray[np.uint32], bad_
         The clipped mean; NaN if the plane has no finite value.
     """
     step = max(1, math.ceil(variance.size / _MAX_STAT_PIXELS))
-    values = variance.ravel()[::step]
+    values = np.ascontiguousarray(variance.ravel()[::step])  # one strided gather
     flagged = (mask.ravel()[::step] & np.uint32(bad_bits)) != 0
     if not np.any(np.isfinite(values) & ~flagged):
         flagged = np.zeros(values.shape, dtype=bool)
@@ -159,6 +201,200 @@ def _centered_crop(spectrum: NDArray[np.complexfloating], shape: tuple[int, int]
 def _fast_shape(size: int) -> tuple[int, int]:
     n = scipy.fft.next_fast_len(int(size), real=True)
     return n, n
+
+
+# ------------------------------------------------------------------------------------------
+# compact image-space filters
+
+
+def compact_half_width(image: NDArray[np.floating], tolerance: float) -> int:
+    r"""Smallest :math:`h` whose centred :math:`(2h+1)^2` box holds all but ``tolerance`` of
+    the L1 norm of ``image`` (centre ``[n_r // 2, n_c // 2]``).
+
+    Returns
+    -------
+    int
+        :math:`h`, with :math:`\sum_{\max(|dr|, |dc|) > h} |x| \le` ``tolerance``
+        :math:`\sum |x|`.
+    """
+    n_r, n_c = image.shape
+    rows = np.abs(np.arange(n_r) - n_r // 2)
+    cols = np.abs(np.arange(n_c) - n_c // 2)
+    ring = np.maximum(rows[:, None], cols[None, :])
+    sums = np.bincount(ring.ravel(), weights=np.abs(image).ravel())
+    total = float(sums.sum())
+    outside = total - np.cumsum(sums)
+    return int(np.argmax(outside <= tolerance * total))
+
+
+def _crop_centre(image: NDArray[np.float64], half: int) -> NDArray[np.float64]:
+    c_r, c_c = image.shape[0] // 2, image.shape[1] // 2
+    return np.ascontiguousarray(image[c_r - half:c_r + half + 1, c_c - half:c_c + half + 1])
+
+
+def _compact_kernel(transfer: Callable[[tuple[int, int]], NDArray[np.complexfloating]], *,
+                    start: int, tolerance: float, max_half: int
+                    ) -> tuple[NDArray[np.float64], bool]:
+    """The image-space kernel of a transfer function, cut by :func:`compact_half_width`.
+
+    The transfer is evaluated on square grids of side ``start``, doubled until the kernel's
+    half-width is at most a quarter of the grid (its periodic copies then overlap the stamp
+    only with their own negligible tails) or the grid reaches ``4 * max_half``.
+
+    Returns
+    -------
+    kernel : ndarray of shape (2h + 1, 2h + 1)
+        Centred, float64, not normalised.
+    compact : bool
+        False if the kernel is broader than ``max_half`` (it is then cut at ``max_half``).
+    """
+    size = max(start, _MIN_FILTER_GRID)
+    while True:
+        shape = (size, size)
+        full = np.fft.fftshift(scipy.fft.irfft2(transfer(shape), s=shape))
+        half = compact_half_width(full, tolerance)
+        if 4 * half <= size:
+            return _crop_centre(full, half), half <= max_half
+        if size >= 4 * max_half:
+            return _crop_centre(full, min(half, max_half, size // 2 - 1)), False
+        size *= 2
+
+
+def _full_convolve(stack: NDArray[np.float64], filters: NDArray[np.float64]
+                   ) -> NDArray[np.float64]:
+    """Full 2-D convolutions of every image of ``stack`` (n, a, a) with every filter of
+    ``filters`` (m, b, b): an array (n, m, a + b - 1, a + b - 1), float64 (small FFTs)."""
+    size = stack.shape[-1] + filters.shape[-1] - 1
+    shape = (scipy.fft.next_fast_len(size), scipy.fft.next_fast_len(size, real=True))
+    a = scipy.fft.rfft2(stack, s=shape)
+    b = scipy.fft.rfft2(filters, s=shape)
+    out = scipy.fft.irfft2(a[:, None] * b[None, :], s=shape)
+    return np.ascontiguousarray(out[..., :size, :size])
+
+
+def _trim(stack: NDArray[np.float64], tolerance: float) -> NDArray[np.float64]:
+    """Cut every image of the stack (n, s, s) to the largest of their compact half-widths.
+
+    The sum each image loses (at most ``tolerance`` of its L1 norm) is put back on its
+    central pixel, so the sums — the normalisation of a PSF model — are unchanged.
+    """
+    half = max(compact_half_width(image, tolerance) for image in stack)
+    out = np.stack([_crop_centre(image, half) for image in stack])
+    out[:, half, half] += stack.sum(axis=(1, 2)) - out.sum(axis=(1, 2))
+    return out
+
+
+def filtered_psf_image(psf_image: NDArray[np.float64], kernel: NDArray[np.float64], *,
+                       tolerance: float = FILTER_TOLERANCE) -> NDArray[np.float64]:
+    r"""``kernel`` :math:`\otimes` ``psf_image`` (full), cut by ``tolerance``, unit sum."""
+    stamp = _trim(_full_convolve(psf_image[None], kernel[None])[:, 0], tolerance)[0]
+    return stamp / stamp.sum()
+
+
+def filtered_polynomial_psf(model: skydiff.PolynomialPsf, filters: NDArray[np.float64],
+                            filter_order: int, *, tolerance: float = FILTER_TOLERANCE
+                            ) -> skydiff.PolynomialPsf:
+    r"""The PSF :math:`\phi(x, y) \otimes P(x, y)` of a spatially varying PSF filtered by a
+    spatially varying (or constant) kernel, as a :class:`~skydiff.PolynomialPsf`.
+
+    With the model :math:`P(x, y) = \sum_i c_i(x, y)\,\beta_i` (unnormalised; the model
+    divides by its sum), :math:`c_i = \sum_s a_{is} f_s` of total degree :math:`p`, and the
+    filter :math:`\phi(x, y) = \sum_t g_t(x, y)\,\Phi_t` with :math:`g_t` the spatial
+    functions of degree :math:`q` = ``filter_order`` of the model's ``bbox`` and ``kind``,
+
+    .. math::
+
+        \phi(x, y) \otimes P(x, y) = \sum_{i, t} c_i(x, y)\, g_t(x, y)\,
+        (\Phi_t \otimes \beta_i),
+
+    exactly a polynomial PSF of degree :math:`p + q` with basis images
+    :math:`\Phi_t\otimes\beta_i`: :math:`c_i g_t` lies in the span of the degree-:math:`(p+q)`
+    functions (products of Chebyshev polynomials, or monomials, of the same normalised
+    coordinates), and its coefficients are found by an exact least-squares solve on a grid
+    of Chebyshev nodes. For :math:`q = 0` (one global filter) the coefficients are the
+    model's own. Each basis image is cut to the smallest centred square holding all but
+    ``tolerance`` of its L1 norm (common to all); the sum it loses is put back on its
+    central pixel, so every basis image keeps the sum of :math:`\Phi_t\otimes\beta_i`.
+
+    The sum of the filtered model at a position is the model's sum times
+    :math:`\sum_t g_t \sum\Phi_t`, which is 1 when every filter has unit sum (so that
+    :meth:`~skydiff.PolynomialPsf.kernel_images` normalises exactly as before).
+
+    Parameters
+    ----------
+    model : skydiff.PolynomialPsf
+    filters : ndarray of shape (n_t, b, b)
+        :math:`\Phi_t` for the terms of degree ``filter_order`` (a single image for 0).
+    filter_order : int
+    tolerance : float, optional
+
+    Returns
+    -------
+    skydiff.PolynomialPsf
+    """
+    n_i, n_t = model.basis.shape[0], filters.shape[0]
+    if filter_order == 0 and n_t != 1:
+        msg = "a degree-0 filter field has exactly one image"
+        raise ValueError(msg)
+    images = _full_convolve(model.basis, filters)  # (n_i, n_t, s, s)
+    basis = _trim(images.reshape(n_i * n_t, *images.shape[2:]), tolerance)
+    if filter_order == 0:
+        order = model.order
+        coefficients = model.coefficients.copy()
+    else:
+        order = model.order + filter_order
+        n_nodes = order + 2
+        nodes = np.cos(np.pi * (np.arange(n_nodes) + 0.5) / n_nodes)
+        x_min, y_min, x_max, y_max = model.bbox
+        xs = 0.5 * (x_min + x_max) + 0.5 * (x_max - x_min) * nodes
+        ys = 0.5 * (y_min + y_max) + 0.5 * (y_max - y_min) * nodes
+        gx, gy = (a.ravel() for a in np.meshgrid(xs, ys))
+        c = model.coefficients @ skydiff.spatial_functions(
+            gx, gy, order=model.order, bbox=model.bbox, kind=model.kind)  # (n_i, n_pts)
+        g = skydiff.spatial_functions(gx, gy, order=filter_order, bbox=model.bbox,
+                                      kind=model.kind)  # (n_t, n_pts)
+        targets = (c[:, None, :] * g[None, :, :]).reshape(n_i * n_t, -1)
+        design = skydiff.spatial_functions(gx, gy, order=order, bbox=model.bbox,
+                                           kind=model.kind)  # (n_terms, n_pts)
+        solution, *_ = np.linalg.lstsq(design.T, targets.T, rcond=None)
+        coefficients = solution.T  # (n_i * n_t, n_terms)
+    return skydiff.PolynomialPsf(basis, coefficients, order=order, bbox=model.bbox,
+                                 kind=model.kind)
+
+
+@attrs.frozen
+class CompactFilter:
+    r"""The ``"diffim"`` decorrelation filter in image space, cut to its compact support.
+
+    Attributes
+    ----------
+    image : ndarray of shape (2h + 1, 2h + 1)
+        :math:`\phi`: the inverse transform of :math:`\hat\phi` cut by
+        :data:`FILTER_TOLERANCE`, made exactly point-symmetric (:math:`\hat\phi` is real and
+        even), with unit sum (:math:`\hat\phi(0) = 1`; the cut's deficit is restored on
+        the central pixel).
+    convolved : ndarray
+        :math:`\kappa\otimes\phi` (full convolution), the overall filter of the convolved
+        input.
+    """
+
+    image: NDArray[np.float64] = attrs.field(eq=False)
+    convolved: NDArray[np.float64] = attrs.field(eq=False)
+
+    @property
+    def half(self) -> int:
+        """Half-width :math:`h` of :attr:`image`."""
+        return int(self.image.shape[0] // 2)
+
+    @property
+    def weight_u(self) -> float:
+        r""":math:`w_u = \sum\phi^2` (Parseval: the variance gain of the unconvolved image)."""
+        return float(np.square(self.image).sum())
+
+    @property
+    def weight_c(self) -> float:
+        r""":math:`w_c = \sum(\kappa\otimes\phi)^2`."""
+        return float(np.square(self.convolved).sum())
 
 
 @attrs.frozen
@@ -330,6 +566,67 @@ class Correction:
             return {"u": hspec * c_hat, "c": kspec * c_hat, "image": c_hat}
         return {"u": hspec * c_hat, "c": hspec * kspec * c_hat, "image": hspec * c_hat}
 
+    def _grid_start(self) -> int:
+        """Side of the first small grid for image-space filters (twice the largest input)."""
+        k = max(self.kernel.shape)
+        h = 0 if self.prefilter is None else max(self.prefilter.shape)
+        return 2 * max(k, h)
+
+    def compact_filter(self, *, tolerance: float = FILTER_TOLERANCE,
+                       max_half: int = MAX_FILTER_HALF) -> CompactFilter | None:
+        r"""The image filter :math:`\phi` in image space (``"diffim"`` only).
+
+        :math:`\hat\phi` is evaluated on a small grid, transformed back and cut by
+        ``tolerance`` (see :data:`FILTER_TOLERANCE`), symmetrised, and its sum restored to
+        :math:`\hat\phi(0) = 1` on the central pixel (a correction no larger than the cut;
+        rescaling instead would change the output by the cut times :math:`\|\phi\|_1`).
+
+        Returns
+        -------
+        CompactFilter or None
+            None for the score kinds, or when :math:`\phi` is broader than ``max_half``
+            pixels (then :meth:`full_grid` is the exact alternative).
+        """
+        if self.kind != "diffim":
+            return None
+        image, compact = _compact_kernel(lambda shape: self.small_transfers(shape)["image"],
+                                         start=self._grid_start(), tolerance=tolerance,
+                                         max_half=max_half)
+        if not compact:
+            return None
+        image = 0.5 * (image + image[::-1, ::-1])
+        image[image.shape[0] // 2, image.shape[1] // 2] += 1.0 - image.sum()  # unit sum
+        convolved = _full_convolve(self.kernel[None], image[None])[0, 0]
+        return CompactFilter(image, convolved)
+
+    def unconvolved_kernel(self, *, tolerance: float = FILTER_TOLERANCE,
+                           max_half: int = MAX_FILTER_HALF
+                           ) -> tuple[NDArray[np.float64], bool]:
+        r"""The overall filter :math:`c_u` of the unconvolved image in image space.
+
+        :math:`\phi` (``"diffim"``) or :math:`H\otimes c` (scores): the corrected image's
+        response to a point source of the unconvolved image is :math:`c_u\otimes P_u`. Cut
+        by ``tolerance``, its sum restored on the central pixel, and normalised to unit sum.
+
+        Returns
+        -------
+        kernel : ndarray of shape (2h + 1, 2h + 1)
+        compact : bool
+            False if :math:`c_u` is broader than ``max_half`` (then cut there).
+        """
+        kernel, compact = _compact_kernel(lambda shape: self.small_transfers(shape)["u"],
+                                          start=self._grid_start(), tolerance=tolerance,
+                                          max_half=max_half)
+        if self.kind == "diffim":
+            kernel = 0.5 * (kernel + kernel[::-1, ::-1])
+        total = float(self._unconvolved_sum())
+        kernel[kernel.shape[0] // 2, kernel.shape[1] // 2] += total - kernel.sum()
+        return kernel / total, compact
+
+    def _unconvolved_sum(self) -> float:
+        r""":math:`\hat c_u(0)`: 1 for ``"diffim"``, :math:`\sum H` for the scores."""
+        return 1.0 if self.prefilter is None else float(self.prefilter.sum())
+
     def filtered_psf(self, psf_image: NDArray[np.float64] | None) -> NDArray[np.float64]:
         r"""The PSF of the corrected image (odd square stamp, not normalised).
 
@@ -391,6 +688,10 @@ def _workers(shape: tuple[int, ...]) -> int:
     return -1 if math.prod(shape) > _PARALLEL_SIZE else 1
 
 
+def _threads(shape: tuple[int, ...]) -> int:
+    return max(1, os.cpu_count() or 1) if math.prod(shape) > _PARALLEL_SIZE else 1
+
+
 def _padded(shape: tuple[int, int], support: int) -> tuple[int, int]:
     return (scipy.fft.next_fast_len(shape[0] + support, real=True),
             scipy.fft.next_fast_len(shape[1] + support, real=True))
@@ -415,23 +716,176 @@ def _filled(array: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np
     return np.where(bad, np.float32(fill), array), bad
 
 
-def decorrelate_block(image: NDArray[np.float32], bad: NDArray[np.bool_],
+def _forward(real: NDArray[np.float32], n_rows: int, threads: int
+             ) -> NDArray[np.complex64]:
+    """``rfft2`` of ``real`` (H, P_c) zero-extended to ``n_rows`` ≥ H rows, unnormalised.
+
+    The rows are transformed (real to complex along axis 1) only where there is data; the
+    padding rows of the spectrum are zero before the transform along axis 0.
+    """
+    height, n_cols = real.shape
+    shape = (n_rows, n_cols // 2 + 1)
+    binding = _fft.POCKETFFT
+    if binding is None:
+        spectrum = np.zeros(shape, dtype=np.complex64)
+        spectrum[:height] = scipy.fft.rfft(real, axis=1, workers=threads)
+        result: NDArray[np.complex64] = scipy.fft.fft(spectrum, axis=0, overwrite_x=True,
+                                                      workers=threads)
+        return result
+    spectrum = np.empty(shape, dtype=np.complex64)
+    binding.r2c(real, (1,), True, 0, spectrum[:height], threads)
+    spectrum[height:] = 0.0
+    binding.c2c(spectrum, (0,), True, 0, spectrum, threads)
+    return spectrum
+
+
+def _inverse(spectrum: NDArray[np.complex64], out: NDArray[np.float32], threads: int, *,
+             normalise: bool) -> NDArray[np.float32]:
+    """The first ``out.shape[0]`` rows of the inverse ``rfft2`` of ``spectrum`` into ``out``.
+
+    ``spectrum`` (P_r, P_c // 2 + 1) is overwritten; ``out`` has shape (H, P_c) with
+    H ≤ P_r. ``normalise``: divide by P_r P_c (else the caller folded it into the filter).
+    """
+    height, n_cols = out.shape
+    binding = _fft.POCKETFFT
+    inorm = 2 if normalise else 0
+    if binding is None:
+        norm = "backward" if normalise else "forward"
+        rows = scipy.fft.ifft(spectrum, axis=0, overwrite_x=True, workers=threads, norm=norm)
+        out[...] = scipy.fft.irfft(rows[:height], n=n_cols, axis=1, workers=threads, norm=norm)
+        return out
+    binding.c2c(spectrum, (0,), False, inorm, spectrum, threads)
+    binding.c2r(spectrum[:height], (1,), n_cols, False, inorm, out, threads)
+    return out
+
+
+def _apply_even_filter(spectrum: NDArray[np.complex64], stamp: NDArray[np.float64],
+                       n_cols: int, scale: float) -> None:
+    r"""Multiply the rfft-grid ``spectrum`` in place by ``scale`` × the spectrum of ``stamp``.
+
+    ``stamp`` (odd square, half-width :math:`h`) is point-symmetric, so its spectrum on the
+    grid of :math:`P_r \times P_c` is real:
+
+    .. math::
+
+        \hat\phi(k_r, k_c) = \sum_{i=0}^{h} w_i \left[\cos(\alpha i)\,\Re A_i(k_c)
+        + \sin(\alpha i)\,\Im A_i(k_c)\right], \qquad \alpha = 2\pi k_r / P_r,
+
+    with :math:`A_i(k_c) = \sum_j \phi(i, j)\,e^{-2\pi i k_c j / P_c}` (rows :math:`i \ge 0`
+    only, :math:`A_{-i} = \overline{A_i}`), :math:`w_0 = 1` and :math:`w_{i>0} = 2`: one real
+    matrix product of inner dimension :math:`2(h+1)` per block of a few rows, evaluated
+    (``float32``, or float64 for :math:`\|\phi\|_1 >` ``_FLOAT32_MAX_L1``) and applied
+    while the block is in cache.
+    """
+    n_rows, n_half = spectrum.shape
+    half = stamp.shape[0] // 2
+    offsets = np.arange(-half, half + 1)
+    phase_c = np.outer(offsets, np.arange(n_half)) % n_cols
+    e_c = np.exp((-2j * np.pi / n_cols) * phase_c)  # (2h + 1, n_half)
+    a = stamp[half:] @ e_c  # rows i = 0..h
+    weights = np.full((half + 1, 1), 2.0 * scale)
+    weights[0] = scale
+    dtype = np.float32 if np.abs(stamp).sum() <= _FLOAT32_MAX_L1 else np.float64
+    right = np.ascontiguousarray(np.concatenate([weights * a.real, weights * a.imag]),
+                                 dtype=dtype)
+    lags = np.arange(half + 1)
+    phase = (np.outer(np.arange(n_rows), lags) % n_rows) * (2.0 * np.pi / n_rows)
+    left = np.ascontiguousarray(np.concatenate([np.cos(phase), np.sin(phase)], axis=1),
+                                dtype=dtype)  # (P_r, 2h + 2): small
+    del phase
+    # Blocks small enough that BLAS computes each product on one thread: OpenBLAS splits a
+    # product across threads only above ~5e5 multiply-adds, and on a shared machine its
+    # thread wake-ups for many small products cost more than the products themselves.
+    rows = max(1, min(_BLOCK_ROWS, _SERIAL_GEMM_SIZE // (right.shape[0] * n_half)))
+    values = np.empty((rows, n_half), dtype=dtype)
+    single = values if dtype == np.float32 else np.empty((rows, n_half), dtype=np.float32)
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        filt = values[:stop - start]
+        np.matmul(left[start:stop], right, out=filt)
+        if single is not values:
+            np.copyto(single[:stop - start], filt, casting="same_kind")
+        block = spectrum[start:stop]
+        np.multiply(block, single[:stop - start], out=block)
+
+
+def _weighted_sum(a: NDArray[np.float32], w_a: float, b: NDArray[np.float32], w_b: float
+                  ) -> NDArray[np.float32]:
+    """``a * w_a + b * w_b`` in float32, by blocks of rows (no full-frame temporary)."""
+    out = np.empty(a.shape, dtype=np.float32)
+    rows = max(1, (_BLOCK_ROWS * 4096) // max(1, a.shape[1]))
+    scratch = np.empty((min(rows, a.shape[0]), a.shape[1]), dtype=np.float32)
+    for start in range(0, a.shape[0], rows):
+        block = slice(start, min(start + rows, a.shape[0]))
+        target = out[block]
+        np.multiply(a[block], np.float32(w_a), out=target)
+        tmp = scratch[:target.shape[0]]
+        np.multiply(b[block], np.float32(w_b), out=tmp)
+        np.add(target, tmp, out=target)
+    return out
+
+
+def _mean_and_bad(image: NDArray[np.float32], bad: NDArray[np.bool_] | None
+                  ) -> tuple[float, NDArray[np.bool_] | None]:
+    """Mean of the good pixels and the pixels to replace (``bad`` or non-finite; None if none).
+
+    The sum runs in float32 along rows (pairwise) and float64 over rows; a non-finite sum
+    reveals non-finite pixels (a float64 sum of finite float32 values cannot overflow).
+    """
+    if bad is not None and not bad.any():
+        bad = None
+    if bad is None:
+        total = float(image.sum(axis=1).sum(dtype=np.float64))
+        if math.isfinite(total):
+            return total / image.size, None
+        bad = ~np.isfinite(image)
+    good = ~bad
+    total = float(np.sum(image, where=good, dtype=np.float64))
+    if not math.isfinite(total):
+        bad = bad | ~np.isfinite(image)
+        good = ~bad
+        total = float(np.sum(image, where=good, dtype=np.float64))
+    n_good = int(np.count_nonzero(good))
+    return (total / n_good if n_good else 0.0), bad
+
+
+def decorrelate_block(image: NDArray[np.float32], bad: NDArray[np.bool_] | None,
                       variance_u: NDArray[np.float32], variance_c: NDArray[np.float32],
                       correction: Correction, *, complete_variance: bool,
-                      variance_scale: float = 1.0
+                      variance_scale: float = 1.0, compact: CompactFilter | None = None
                       ) -> tuple[NDArray[np.float32], NDArray[np.float32], float, float]:
     r"""Filter one image block and propagate its variance.
 
-    1. The mean :math:`m` of the good pixels is subtracted and bad pixels (``bad``) are set
-       to it; the block is zero-padded by :attr:`Correction.support` (so the image continues
-       as its mean: no wrap-around, constants preserved) to a fast FFT size.
-    2. One forward ``rfft2``, multiplication by the filter, one inverse ``irfft2``
-       (``float32``/``complex64``, all cores); :math:`m` is added back and bad pixels get
-       their original values.
-    3. Variance: :math:`V = (V_u w_u + V_c w_c)\,s` (Parseval weights) or, with
+    1. The mean :math:`m` of the good pixels is subtracted and bad pixels (``bad``, and
+       non-finite ones) are set to it; the block is zero-padded to a fast FFT size (so the
+       image continues as its mean: no wrap-around, constants preserved). With a
+       ``compact`` filter :math:`\phi` of half-width :math:`h` the padding is :math:`h`
+       pixels (the support of :math:`\phi`: the circular convolution then wraps nothing);
+       otherwise :attr:`Correction.support`.
+    2. One forward transform (``float32``/``complex64``; rows along axis 1 where there is
+       data, then axis 0), multiplication by the filter, one inverse transform (axis 0, then
+       axis 1 for the rows kept only), all cores for large blocks; :math:`m` is added back
+       and bad pixels get their original values. The compact filter's spectrum is the real
+       cosine series of the point-symmetric :math:`\phi`, evaluated by blocks of rows
+       together with the multiplication (:func:`_apply_even_filter`); without one the
+       filter is :meth:`Correction.full_grid`.
+    3. Variance: :math:`V = V_u w_u s + V_c w_c s` (Parseval weights; exact sums of squares
+       of :math:`\phi` and :math:`\kappa\otimes\phi` for a compact filter) or, with
        ``complete_variance``, :math:`V = (V_u \otimes c_u^2 + V_c \otimes c_c^2)\,s` (two FFT
        convolutions; non-finite variances are replaced by the mean meanwhile and restored),
        with :math:`s` = ``variance_scale``.
+
+    Parameters
+    ----------
+    image : ndarray of shape (H, W), float32
+    bad : ndarray of bool of shape (H, W) or None
+        Pixels to replace (non-finite pixels are always replaced).
+    variance_u, variance_c : ndarray of shape (H, W), float32
+    correction : Correction
+    complete_variance : bool
+    variance_scale : float, optional
+    compact : CompactFilter, optional
+        :meth:`Correction.compact_filter` (``"diffim"`` only).
 
     Returns
     -------
@@ -440,44 +894,53 @@ def decorrelate_block(image: NDArray[np.float32], bad: NDArray[np.bool_],
         The Parseval weights.
     """
     height, width = image.shape
-    any_bad = bool(bad.any())
-    if any_bad:
-        good = ~bad
-        n_good = int(np.count_nonzero(good))
-        mean = float(np.sum(image, where=good, dtype=np.float64)) / n_good if n_good else 0.0
+    mean, bad = _mean_and_bad(image, bad)
+    if compact is not None:
+        half = compact.half
+        shape = (scipy.fft.next_fast_len(height + half),
+                 scipy.fft.next_fast_len(width + half, real=True))
     else:
-        mean = float(np.mean(image, dtype=np.float64))
-    shape = _padded(image.shape, correction.support)
-    work = np.zeros(shape, dtype=np.float32)  # the padding continues the image as its mean
-    block = work[:height, :width]
+        shape = _padded(image.shape, correction.support)
+    threads = _threads(shape)
+    real = np.empty((height, shape[1]), dtype=np.float32)
+    real[:, width:] = 0.0  # the padding continues the image as its mean
+    block = real[:, :width]
     np.subtract(image, np.float32(mean), out=block)
-    if any_bad:
+    if bad is not None:
         block[bad] = 0.0
-    spectrum = scipy.fft.rfft2(work, workers=_workers(shape), overwrite_x=True)
-    del work, block
-    filt, w_u, w_c = correction.full_grid(shape)
-    spectrum *= filt
-    del filt
-    full = scipy.fft.irfft2(spectrum, s=shape, workers=_workers(shape), overwrite_x=True)
+    del block
+    spectrum = _forward(real, shape[0], threads)
+    if compact is not None:
+        w_u, w_c = compact.weight_u, compact.weight_c
+        _apply_even_filter(spectrum, compact.image, shape[1], 1.0 / (shape[0] * shape[1]))
+        _inverse(spectrum, real, threads, normalise=False)
+    else:
+        filt, w_u, w_c = correction.full_grid(shape)
+        spectrum *= filt
+        del filt
+        _inverse(spectrum, real, threads, normalise=True)
     del spectrum
-    out = np.add(full[:height, :width], np.float32(mean), dtype=np.float32)
-    del full
-    if any_bad:
+    out = np.add(real[:, :width], np.float32(mean), dtype=np.float32)
+    del real
+    if bad is not None:
         out[bad] = image[bad]
 
     if complete_variance:
-        cu2, cc2 = correction.variance_kernels(w_u, w_c)
+        if compact is not None:
+            cu2, cc2 = np.square(compact.image), np.square(compact.convolved)
+        else:
+            cu2, cc2 = correction.variance_kernels(w_u, w_c)
         filled_u, bad_u = _filled(variance_u)
         filled_c, bad_c = _filled(variance_c)
         variance = _convolve_same(filled_u, cu2)
         variance += _convolve_same(filled_c, cc2)
         np.maximum(variance, 0.0, out=variance)
         variance[bad_u | bad_c] = np.nan
+        if variance_scale != 1.0:
+            variance *= np.float32(variance_scale)
     else:
-        variance = np.multiply(variance_u, np.float32(w_u), dtype=np.float32)
-        variance += np.multiply(variance_c, np.float32(w_c), dtype=np.float32)
-    if variance_scale != 1.0:
-        variance *= np.float32(variance_scale)
+        variance = _weighted_sum(variance_u, w_u * variance_scale,
+                                 variance_c, w_c * variance_scale)
     return out, variance, w_u, w_c
 
 
