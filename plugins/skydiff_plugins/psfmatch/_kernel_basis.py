@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 import skydiff
 
 from ._basis import (
@@ -93,6 +95,12 @@ class AlBasisConfig(skydiff.Config):
         0.4, min=0.0, inclusive_min=False,
         doc="Floor of the smallest width when the convolved image has the broader PSF "
             "(alardMinSigDeconv).")
+    max_basis_condition: float = skydiff.RangeField(
+        1e8, min=0.0,
+        doc="Largest allowed condition number of the Gram matrix of the zero-sum basis "
+            "functions; above it they are replaced by their orthonormal principal directions "
+            "and the numerically degenerate ones dropped (narrow Gaussians times high-degree "
+            "polynomials are nearly linearly dependent). 0 keeps the basis as built.")
 
     def _validate(self) -> None:
         if len(self.degrees) != self.n_gauss or len(self.sigmas) != self.n_gauss:
@@ -174,14 +182,53 @@ class AlKernelBasis(skydiff.KernelBasisGenerator):
                                             size_min=config.kernel_size_min,
                                             size_max=config.kernel_size_max)
         basis = alard_lupton_basis(size, sigmas, config.degrees)
+        n_built = int(basis.shape[0])
+        if config.max_basis_condition > 0:
+            basis = drop_degenerate_directions(basis, max_condition=config.max_basis_condition)
         metadata: dict[str, Any] = {
             "kind": "al", "mode": mode, "sigmas": list(sigmas), "kernel_size": size,
-            "n_basis": int(basis.shape[0]), "degrees": list(config.degrees),
+            "n_basis": int(basis.shape[0]), "n_basis_dropped": n_built - int(basis.shape[0]),
+            "degrees": list(config.degrees),
             "target_fwhm": float("nan") if target_fwhm is None else float(target_fwhm),
             "reference_fwhm": float("nan") if reference_fwhm is None else float(reference_fwhm),
         }
         return skydiff.KernelBasisResult(basis=basis, constant_first=True, regularization=None,
                                          metadata=metadata)
+
+
+def drop_degenerate_directions(basis: np.ndarray, *, max_condition: float) -> np.ndarray:
+    r"""Replace a nearly degenerate set of zero-sum basis images by its principal directions.
+
+    The first image (unit sum, carrying the photometric scale) is kept. The others
+    :math:`B_1 \dots B_n` are zero-sum; when the condition number of their Gram matrix
+    :math:`G_{ij} = \langle B_i, B_j \rangle` exceeds ``max_condition``, they are replaced by
+    the right singular vectors :math:`v_k` of the matrix whose rows are the flattened
+    :math:`B_i`, keeping those with :math:`s_k^2 \ge s_1^2 / \mathrm{max\_condition}`. Linear
+    combinations of zero-sum images are zero-sum, so the kernel sum is still the first
+    coefficient; the span loses only directions that the data cannot constrain.
+
+    Parameters
+    ----------
+    basis : ndarray of shape (n, K, K)
+        A renormalized Alard–Lupton basis.
+    max_condition : float
+        Largest allowed Gram condition number (> 1).
+
+    Returns
+    -------
+    ndarray of shape (m, K, K)
+        The basis, unchanged when it is well conditioned, else with ``m <= n`` images.
+    """
+    if basis.shape[0] < 3:
+        return basis
+    rows = basis[1:].reshape(basis.shape[0] - 1, -1)
+    singular = np.linalg.svd(rows, compute_uv=False)
+    if singular[-1] ** 2 * max_condition >= singular[0] ** 2:
+        return basis
+    _, singular, vt = np.linalg.svd(rows, full_matrices=False)
+    keep = singular**2 * max_condition >= singular[0] ** 2
+    directions = vt[keep].reshape(-1, *basis.shape[1:])
+    return np.concatenate([basis[:1], directions], axis=0)
 
 
 _LAMBDA_TYPES = {

@@ -101,3 +101,25 @@ def test_subtraction_with_the_delta_function_basis():
     bad = difference.masked("EDGE", "BAD", "NO_DATA", "SAT")
     assert clipped_stats(difference.image, mask=bad).std == pytest.approx(np.sqrt(2.0), rel=0.1)
     assert result.metadata["kernel_sum"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_degenerate_narrow_basis_is_reduced_to_its_principal_directions():
+    """Near-equal seeing on the deconvolution side gives widths (0.4, 0.8, 1.6), whose
+    zero-sum functions are nearly dependent (Gram condition ~1e10); the plugin keeps the
+    well-determined directions so every stamp fit stays well conditioned."""
+    import numpy as np
+
+    from skydiff_plugins.psfmatch._kernel_basis import AlKernelBasis as AlBasis
+
+    result = AlBasis().run(target_fwhm=3.1294, reference_fwhm=3.1140)
+    basis = result.basis
+    assert result.metadata["mode"] == "deconvolution"
+    assert result.metadata["n_basis_dropped"] > 0
+    assert basis.shape[0] == 27 - result.metadata["n_basis_dropped"]
+    assert basis[0].sum() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(basis[1:].sum(axis=(1, 2)), 0.0, atol=1e-10)
+    rows = basis[1:].reshape(basis.shape[0] - 1, -1)
+    assert np.linalg.cond(rows @ rows.T) <= 1e8 * (1 + 1e-6)
+    # A well-conditioned basis (ordinary convolution case) is left exactly as built.
+    plain = AlBasis().run(target_fwhm=3.0, reference_fwhm=4.0)
+    assert plain.metadata["n_basis_dropped"] == 0 and plain.basis.shape[0] == 27
