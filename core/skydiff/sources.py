@@ -51,7 +51,7 @@ References
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import astropy.units as u
@@ -65,7 +65,7 @@ from scipy.spatial import cKDTree
 from skydiff.errors import InputError
 from skydiff.exposure import Exposure
 from skydiff.psf import FWHM_PER_SIGMA
-from skydiff.stats import _background_mesh, robust_std
+from skydiff.stats import _cpu_count, _Mesh, _mesh_model, _parallel_map, robust_std
 
 __all__ = [
     "DEFAULT_BAD_PLANES",
@@ -85,6 +85,10 @@ SOURCE_COLUMNS: tuple[str, ...] = ("id", "x", "y", "flux", "flux_err", "snr", "p
 
 #: Planes whose pixels carry no sky signal: set to the background before detection.
 _BLANK_PLANES = ("NO_DATA", "BAD")
+#: Rows per block of the whole-image passes that would otherwise need full-size temporaries.
+_ROW_BLOCK = 128
+#: Rows of one transform of the strip-wise matched filter (:func:`_smooth`).
+_STRIP_ROWS = 128
 #: FWHM (pixels) of the first matched filter when neither a PSF nor ``fwhm`` is given.
 _FIRST_GUESS_FWHM = 3.0
 #: Isolation uses detections down to this S/N (or ``threshold`` if lower).
@@ -118,16 +122,50 @@ Background = Literal["mesh", "none"]
 
 @attrs.frozen
 class _Prepared:
-    """Background-subtracted, cleaned planes shared by detection and measurement."""
+    """Background-subtracted, cleaned planes shared by detection and measurement.
 
-    image: NDArray[np.float32]      # background-subtracted, blank pixels 0
+    The cleaned image -- ``raw`` minus ``sky``, with the ``blank`` pixels set to 0 -- is never
+    built in full: detection needs only its smoothed version (computed strip by strip) and
+    measurement reads it on stamps (:meth:`image_stamps`).
+    """
+
+    raw: NDArray[np.float32]        # the exposure's image (not copied)
+    sky: _Mesh | None               # the background (None: background="none")
+    blank: NDArray[np.bool_] | None  # NO_DATA, BAD and non-finite pixels (None if none)
     variance: NDArray[np.float32]   # positive everywhere
-    smoothed: NDArray[np.float32]   # image ⊗ g (matched filter of ``fwhm``)
+    smoothed: NDArray[np.float32]   # cleaned image ⊗ g (matched filter of ``fwhm``)
     fwhm: float
     mask: NDArray[np.uint32]        # the exposure's mask (not copied)
     nonfinite: NDArray[np.bool_] | None  # non-finite image pixels, None if there are none
     bad_bits: int                   # bits of the bad planes
     sat_bits: int                   # bit of SAT (0 if the plane is undefined)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        height, width = self.raw.shape
+        return height, width
+
+    def image_stamps(self, index: _StampIndex, fill: Any = 0) -> NDArray[np.float32]:
+        """Stamps of the cleaned image (``fill`` outside the image)."""
+        stamps = np.take(self.raw.reshape(-1), index.flat).astype(np.float32, copy=False)
+        if self.sky is not None:
+            stamps = stamps - self.sky.stamps(index.rows, index.cols)
+        if self.blank is not None:
+            stamps[np.take(self.blank.reshape(-1), index.flat)] = 0.0
+        if index.outside is not None:
+            stamps[index.outside] = fill
+        return stamps
+
+    def cleaned_rows(self, start: int, stop: int) -> NDArray[np.float32]:
+        """Rows ``[start, stop)`` of the cleaned image (a new array)."""
+        if self.sky is None:
+            rows = np.array(self.raw[start:stop], dtype=np.float32)
+        else:
+            rows = self.sky.rows_block(start, stop)
+            np.subtract(self.raw[start:stop], rows, out=rows)
+        if self.blank is not None:
+            np.copyto(rows, np.float32(0.0), where=self.blank[start:stop])
+        return rows
 
     def bad_and_saturated(self, index: _StampIndex
                           ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
@@ -147,6 +185,15 @@ class _Prepared:
         if index.outside is not None:
             bad |= index.outside
         return bad
+
+
+def _any_bits(mask: NDArray[np.uint32], bits: int) -> NDArray[np.bool_]:
+    """``(mask & bits) != 0``, by row blocks (no full-size integer temporary)."""
+    out = np.empty(mask.shape, dtype=bool)
+    value = np.uint32(bits)
+    for r0 in range(0, mask.shape[0], _ROW_BLOCK):
+        np.not_equal(mask[r0:r0 + _ROW_BLOCK] & value, 0, out=out[r0:r0 + _ROW_BLOCK])
+    return out
 
 
 def _plane_names(exposure: Exposure, planes: Sequence[str]) -> list[str]:
@@ -175,7 +222,8 @@ def _prepare(exposure: Exposure, *, background: Background, bin_size: int,
     With ``background="mesh"`` the sky is estimated twice, each time from every other row and
     column of the bins: the second mesh ignores the pixels of the sources found with the first
     (matched-filter S/N above 2.5), which removes most of the bias the stars put into the
-    bins' medians in crowded fields.
+    bins' medians in crowded fields. Only the sampled pixels are tested for sources, and the
+    change of sky is interpolated once (both meshes share the interpolation).
     """
     if background not in ("mesh", "none"):
         msg = f"background must be 'mesh' or 'none', got {background!r}"
@@ -184,63 +232,71 @@ def _prepare(exposure: Exposure, *, background: Background, bin_size: int,
         msg = f"bad_planes must be a sequence of plane names, not the string {bad_planes!r}"
         raise InputError(msg)
     image = exposure.image
-    finite = np.isfinite(image)
-    all_finite = bool(finite.all())
-    if not (all_finite or finite.any()):
-        msg = "the exposure has no finite pixel"
-        raise InputError(msg)
+    # A float64 sum of float32 values is finite exactly when every value is (no overflow):
+    # the per-pixel test only runs on images that have non-finite pixels.
+    all_finite = bool(np.isfinite(image.sum(dtype=np.float64)))
+    finite: NDArray[np.bool_] | None = None
+    if not all_finite:
+        finite = np.isfinite(image)
+        if not finite.any():
+            msg = "the exposure has no finite pixel"
+            raise InputError(msg)
     planes = exposure.mask_planes
     blank_bits = planes.value(*_plane_names(exposure, _BLANK_PLANES))
-    blank = (exposure.mask & np.uint32(blank_bits)) != 0
-    if not all_finite:
+    blank = _any_bits(exposure.mask, blank_bits)
+    if finite is not None:
         blank |= ~finite
-    if blank.all():
+    n_blank = int(np.count_nonzero(blank))
+    if n_blank == blank.size:
         msg = "every pixel of the exposure is NO_DATA, BAD or non-finite"
         raise InputError(msg)
-    zero = np.float32(0.0)
+    any_blank = n_blank > 0
+    first: _Mesh | None = None
     if background == "mesh":
         # A quick first sky from every other pixel, only to find the sources to mask.
-        sky = _background_mesh(image, mask=blank, bin_size=bin_size, stride=2)
-        cleaned = np.subtract(image, sky, dtype=np.float32)
-    else:
-        cleaned = np.array(image, dtype=np.float32)
-    any_blank = bool(blank.any())
-    if any_blank:
-        cleaned[blank] = zero
+        first = _mesh_model(image, mask=blank, bin_size=bin_size, stride=2)
+    prep = _Prepared(image, first, blank if any_blank else None, exposure.variance,
+                     np.empty(0, np.float32), fwhm, exposure.mask,
+                     None if finite is None else ~finite,
+                     planes.value(*_plane_names(exposure, bad_planes)),
+                     planes.value("SAT") if "SAT" in planes.names else 0)
     variance = exposure.variance
-    positive = variance > 0  # False for NaN
-    if bool(positive.all()):
+    if float(variance.min()) > 0:  # NaN compares False
         var = np.asarray(variance, dtype=np.float32)
     else:
-        usable = positive & np.isfinite(variance)
+        usable = (variance > 0) & np.isfinite(variance)
         if usable.any():
             var = np.where(usable, variance, np.median(variance[usable])).astype(np.float32)
         else:  # no usable variance plane: the sky noise of the image
-            sigma = robust_std(cleaned, mask=blank)
+            sigma = robust_std(prep.cleaned_rows(0, image.shape[0]), mask=blank)
             if not sigma > 0:
                 msg = "the exposure has no positive variance and no measurable sky noise"
                 raise InputError(msg)
             var = np.full(image.shape, sigma**2, dtype=np.float32)
-    profile = _gaussian_profile(fwhm / FWHM_PER_SIGMA)
-    smoothed = _smooth(cleaned, profile)
-    if background == "mesh":
-        sources = _source_pixels(smoothed, var, fwhm, _SOURCE_MASK_THRESHOLD)
-        sources |= blank
+    smoothed = _smooth(prep.cleaned_rows, image.shape, _gaussian_profile(fwhm / FWHM_PER_SIGMA))
+    sky = first
+    if first is not None:
+        # The second mesh reads only every other pixel: flag the sources there only.
+        sampled = bin_size % 2 == 0
+        grid = (slice(None, None, 2), slice(None, None, 2)) if sampled else (slice(None),) * 2
+        sources = _source_pixels(smoothed[grid], var[grid], fwhm, _SOURCE_MASK_THRESHOLD)
+        sources |= blank[grid]
         if not sources.all():
-            delta = _background_mesh(image, mask=sources, bin_size=bin_size, stride=2) - sky
-            cleaned -= delta
-            if any_blank:
-                cleaned[blank] = zero
-            smoothed -= delta  # the change is smooth on the bin scale: δ ⊗ g ≈ δ
-    bad_bits = planes.value(*_plane_names(exposure, bad_planes))
-    sat_bits = planes.value("SAT") if "SAT" in planes.names else 0
-    return _Prepared(cleaned, var, smoothed, fwhm, exposure.mask,
-                     None if all_finite else ~finite, bad_bits, sat_bits)
+            sky = _mesh_model(image, mask=sources, bin_size=bin_size, stride=2,
+                              sampled_mask=sampled, like=first)
+            # both meshes share the interpolation: the change of sky is interpolated once,
+            # by row blocks; it is smooth on the bin scale, so δ ⊗ g ≈ δ
+
+            def subtract(rows: slice, delta: NDArray[np.float32]) -> None:
+                smoothed[rows] -= delta
+
+            sky.for_blocks(sky.values - first.values, _ROW_BLOCK, subtract)
+    return attrs.evolve(prep, sky=sky, variance=var, smoothed=smoothed)
 
 
 def _resmooth(prep: _Prepared, fwhm: float) -> _Prepared:
     """The same planes with the matched filter of another FWHM."""
-    smoothed = _smooth(prep.image, _gaussian_profile(fwhm / FWHM_PER_SIGMA))
+    smoothed = _smooth(prep.cleaned_rows, prep.shape, _gaussian_profile(fwhm / FWHM_PER_SIGMA))
     return attrs.evolve(prep, smoothed=smoothed, fwhm=fwhm)
 
 
@@ -273,12 +329,23 @@ def _gaussian_profile(sigma: float) -> NDArray[np.float64]:
     return profile / profile.sum()
 
 
-def _smooth(image: NDArray[np.float32], profile: NDArray[np.float64]) -> NDArray[np.float32]:
-    """Zero-padded convolution with the separable kernel ``outer(profile, profile)`` by FFT."""
-    height, width = image.shape
+def _smooth(rows: Callable[[int, int], NDArray[np.float32]], shape: tuple[int, int],
+            profile: NDArray[np.float64]) -> NDArray[np.float32]:
+    """Zero-padded convolution with the separable kernel ``outer(profile, profile)`` by FFT.
+
+    ``rows(start, stop)`` gives rows ``[start, stop)`` of the plane (it is called from several
+    threads). The plane is smoothed in strips of :data:`_STRIP_ROWS` rows that overlap by the
+    kernel's half-width on each side, each one transformed on its own (zero padding along
+    the rows only at the image's top and bottom, along the columns to ``W + half``): the
+    result is exact, the transforms use small buffers that stay in cache instead of
+    full-frame ones, and the strips are spread over the CPUs (threads; the FFTs and the
+    NumPy work release the GIL).
+    """
+    height, width = shape
     half = profile.size // 2
-    shape = (scipy.fft.next_fast_len(height + half, real=True),
-             scipy.fft.next_fast_len(width + half, real=True))
+    length = max(_STRIP_ROWS, scipy.fft.next_fast_len(4 * half + 1, real=True))
+    step = length - 2 * half
+    n_cols = scipy.fft.next_fast_len(width + half, real=True)
 
     def transfer(n: int, real: bool) -> NDArray[np.float32]:
         line = np.zeros(n)
@@ -287,10 +354,29 @@ def _smooth(image: NDArray[np.float32], profile: NDArray[np.float64]) -> NDArray
         spectrum = scipy.fft.rfft(line) if real else scipy.fft.fft(line)
         return spectrum.real.astype(np.float32)  # symmetric kernel: real transfer function
 
-    spectrum = scipy.fft.rfft2(image, s=shape, workers=-1)
-    spectrum *= transfer(shape[0], False)[:, None]
-    spectrum *= transfer(shape[1], True)[None, :]
-    return scipy.fft.irfft2(spectrum, s=shape, workers=-1)[:height, :width]
+    gain = transfer(length, False)[:, None] * transfer(n_cols, True)[None, :]
+    out = np.empty((height, width), dtype=np.float32)
+    starts = list(range(0, height, step))
+    n_threads = min(_cpu_count(), len(starts))
+
+    def run(part: list[int]) -> None:
+        strip = np.zeros((length, n_cols), dtype=np.float32)
+        for r0 in part:
+            r1 = min(r0 + step, height)
+            first, last = max(r0 - half, 0), min(r1 + half, height)  # input rows of the strip
+            top = first - (r0 - half)  # rows of zero padding above the image
+            strip[:top] = 0.0
+            strip[top:top + last - first, :width] = rows(first, last)
+            strip[top + last - first:] = 0.0
+            spectrum = scipy.fft.rfft2(strip, workers=1)
+            spectrum *= gain
+            smoothed = scipy.fft.irfft2(spectrum, s=(length, n_cols), workers=1,
+                                        overwrite_x=True)
+            out[r0:r1] = smoothed[half:half + r1 - r0, :width]
+
+    # the strips are independent: one thread per CPU, each with its own buffer
+    _parallel_map(run, [starts[i::n_threads] for i in range(n_threads)])
+    return out
 
 
 @attrs.frozen
@@ -299,6 +385,8 @@ class _StampIndex:
 
     flat: NDArray[np.intp]
     outside: NDArray[np.bool_] | None
+    rows: NDArray[np.intp]  # (n, side): the stamps' rows, clipped to the image
+    cols: NDArray[np.intp]  # (n, side): their columns
 
     @classmethod
     def build(cls, shape: tuple[int, int], rows: NDArray[np.intp], cols: NDArray[np.intp],
@@ -307,10 +395,11 @@ class _StampIndex:
         offsets = np.arange(-half, half + 1)
         r = rows[:, None] + offsets
         c = cols[:, None] + offsets
-        flat = ((np.clip(r, 0, height - 1) * width)[:, :, None]
-                + np.clip(c, 0, width - 1)[:, None, :])
+        r_in = np.clip(r, 0, height - 1)
+        c_in = np.clip(c, 0, width - 1)
+        flat = (r_in * width)[:, :, None] + c_in[:, None, :]
         outside = ~(((r >= 0) & (r < height))[:, :, None] & ((c >= 0) & (c < width))[:, None, :])
-        return cls(flat, outside if outside.any() else None)
+        return cls(flat, outside if outside.any() else None, r_in, c_in)
 
     def take(self, array: NDArray[Any], fill: Any = 0) -> NDArray[Any]:
         stamps = np.take(array.ravel(), self.flat)
@@ -330,22 +419,32 @@ def _local_maxima(smoothed: NDArray[np.float32], candidates: NDArray[np.intp]
     """The candidate flat indices that are local maxima of ``smoothed`` (8-connected).
 
     Ties are broken in raster order (a pixel must exceed its earlier neighbours and equal or
-    exceed its later ones), so a flat-topped peak yields one maximum.
+    exceed its later ones), so a flat-topped peak yields one maximum; outside the image
+    counts as :math:`-\\infty`. The survivors are compacted after each of the eight
+    comparisons, so the later ones look at few pixels; candidates on the border rows and
+    columns take a separate, bounds-checked path.
     """
-    width = smoothed.shape[1]
-    padded = np.pad(smoothed, 1, constant_values=-np.inf).ravel()
+    height, width = smoothed.shape
     rows, cols = np.divmod(candidates, width)
-    index = (rows + 1) * (width + 2) + (cols + 1)
-    values = padded[index]
-    keep = np.ones(candidates.size, dtype=bool)
-    for dr in (-1, 0, 1):
-        for dc in (-1, 0, 1):
-            if dr == 0 and dc == 0:
-                continue
-            neighbour = padded[index + (dr * (width + 2) + dc)]
+    border = (rows == 0) | (rows == height - 1) | (cols == 0) | (cols == width - 1)
+    position = np.arange(candidates.size)
+    kept = []
+    for part, checked in ((~border, False), (border, True)):
+        r, c, where = rows[part], cols[part], position[part]
+        values = smoothed[r, c]
+        for dr, dc in ((0, -1), (0, 1), (-1, 0), (1, 0), (-1, -1), (-1, 1), (1, -1), (1, 1)):
+            rr, cc = r + dr, c + dc
+            if checked:
+                inside = (rr >= 0) & (rr < height) & (cc >= 0) & (cc < width)
+                neighbour = np.full(r.size, -np.inf, dtype=values.dtype)
+                neighbour[inside] = smoothed[rr[inside], cc[inside]]
+            else:
+                neighbour = smoothed[rr, cc]
             earlier = dr < 0 or (dr == 0 and dc < 0)
-            keep &= (values > neighbour) if earlier else (values >= neighbour)
-    return candidates[keep]
+            keep = (values > neighbour) if earlier else (values >= neighbour)
+            r, c, values, where = r[keep], c[keep], values[keep], where[keep]
+        kept.append(where)
+    return candidates[np.sort(np.concatenate(kept))]
 
 
 @attrs.frozen
@@ -369,9 +468,16 @@ def _detect(prep: _Prepared, threshold: float, faint: float) -> _Peaks:
     # Pre-selection with the pixel's own variance (≥ the smoothed variance at a star's peak,
     # so slightly pessimistic); the exact significance is computed at the maxima below.
     level = np.float32((_CANDIDATE_FRACTION * faint) ** 2 * kernel_sq_sum)
-    candidates = np.flatnonzero((smoothed > 0) & (smoothed * smoothed > level * prep.variance))
+    n_rows, n_cols = smoothed.shape
+
+    def above(r0: int) -> NDArray[np.intp]:  # row blocks: no full-size temporaries
+        block = smoothed[r0:r0 + _ROW_BLOCK]
+        hit = (block > 0) & (block * block > level * prep.variance[r0:r0 + _ROW_BLOCK])
+        return np.flatnonzero(hit) + r0 * n_cols
+
+    candidates = np.concatenate(_parallel_map(above, range(0, n_rows, _ROW_BLOCK)))
     peaks = _local_maxima(smoothed, candidates)
-    rows, cols = np.divmod(peaks, prep.image.shape[1])
+    rows, cols = np.divmod(peaks, prep.shape[1])
     half = profile.size // 2
     weights = np.outer(profile, profile) ** 2
     var_stamps = _stamps(prep.variance, rows, cols, half)
@@ -589,10 +695,10 @@ def _measure(prep: _Prepared, rows: NDArray[np.intp], cols: NDArray[np.intp], *,
     model; otherwise a circular-Gaussian flux S/N is measured for that.
     """
     n = rows.size
-    height, width = prep.image.shape
+    height, width = prep.shape
     sigma0 = fwhm / FWHM_PER_SIGMA
-    index = _StampIndex.build(prep.image.shape, rows, cols, half)
-    image_stamps = index.take(prep.image)
+    index = _StampIndex.build(prep.shape, rows, cols, half)
+    image_stamps = prep.image_stamps(index)
     moments = _adaptive_moments(image_stamps, sigma0)
     x = cols + moments.dx
     y = rows + moments.dy
@@ -603,12 +709,7 @@ def _measure(prep: _Prepared, rows: NDArray[np.intp], cols: NDArray[np.intp], *,
 
     if isolation_xy is None:
         isolation_xy = np.column_stack([x, y])
-    if n and isolation_xy.shape[0] > 1:
-        counts = cKDTree(isolation_xy).query_ball_point(np.column_stack([cols, rows]),
-                                                        isolation_radius, return_length=True)
-        isolated = np.asarray(counts) <= 1
-    else:
-        isolated = np.ones(n, dtype=bool)
+    isolated = _isolated(rows, cols, isolation_xy, isolation_radius)
 
     # Gaussian ("PSF-like") flux with a smooth shape model from bright clean stars.
     variance_stamps = index.take(prep.variance)
@@ -638,8 +739,8 @@ def _measure(prep: _Prepared, rows: NDArray[np.intp], cols: NDArray[np.intp], *,
                   else _APERTURE_FWHM * local_fwhm)
         ap_half = math.ceil(float(radius.max())) + 1
         r_c, c_c = rows[candidates], cols[candidates]
-        ap_index = _StampIndex.build(prep.image.shape, r_c, c_c, ap_half)
-        ap_image = ap_index.take(prep.image, fill=np.nan)
+        ap_index = _StampIndex.build(prep.shape, r_c, c_c, ap_half)
+        ap_image = prep.image_stamps(ap_index, fill=np.nan)
         ap_bad = prep.bad_pixels(ap_index)
         offsets = np.arange(-ap_half, ap_half + 1, dtype=np.float64)
         dist2 = ((offsets[None, :, None] - moments.dy[candidates, None, None]) ** 2
@@ -738,7 +839,8 @@ def find_stars(exposure: Exposure, *, threshold: float = 5.0, fwhm: float | None
                bad_planes: Sequence[str] = DEFAULT_BAD_PLANES,
                isolation_radius: float | None = None, max_sources: int | None = None,
                background: Background = "mesh", border: int = 0, bin_size: int = 64,
-               aperture_radius: float | None = None) -> Table:
+               aperture_radius: float | None = None, max_per_cell: int | None = None,
+               cell_size: int = 128) -> Table:
     r"""Detect and measure the point sources of an exposure.
 
     1. **Background**: a :func:`~skydiff.stats.background_mesh` of ``bin_size`` (median per
@@ -761,7 +863,13 @@ def find_stars(exposure: Exposure, *, threshold: float = 5.0, fwhm: float | None
        4 FWHM (modelled as Gaussians), which rejects noise bumps on bright stars' wings.
        Only pixels above 80 % of the lowest threshold are examined, and
        :math:`V \otimes g^2` is evaluated only at the maxima.
-    4. **Measurement** on stamps of side :math:`2(\lceil 1.5\,\mathrm{FWHM}\rceil + 1) + 1`, as in
+    4. **Thinning** (optional): with ``max_per_cell`` only that many detections of every
+       ``cell_size`` × ``cell_size`` cell are kept -- the most significant of those that are
+       isolated and have no ``bad_planes`` pixel in their measurement stamp, then, if a cell
+       has too few such, the most significant of the others. Callers that need a few
+       well-spread stars (PSF-matching kernel sources, PSF models) so skip measuring the
+       thousands they would discard.
+    5. **Measurement** on stamps of side :math:`2(\lceil 1.5\,\mathrm{FWHM}\rceil + 1) + 1`, as in
        :func:`measure_stars`.
 
     The FWHM is ``exposure.psf.fwhm()`` when the exposure has a PSF, else ``fwhm``, else an
@@ -784,7 +892,8 @@ def find_stars(exposure: Exposure, *, threshold: float = 5.0, fwhm: float | None
         ``threshold``:math:`)` lies within this many pixels of its peak; default
         2.5 × FWHM.
     max_sources : int, optional
-        Keep only this many sources (the most significant).
+        Keep only this many sources (the most significant; after the thinning by
+        ``max_per_cell``).
     background : {"mesh", "none"}, optional
         Whether to subtract a background mesh first.
     border : int, optional
@@ -794,6 +903,13 @@ def find_stars(exposure: Exposure, *, threshold: float = 5.0, fwhm: float | None
     aperture_radius : float, optional
         Radius in pixels of the aperture that calibrates the Gaussian flux (the aperture
         correction); default 3 × the local FWHM.
+    max_per_cell : int, optional
+        Measure at most this many detections per cell (step 4; ≥ 1); default all. Isolation
+        is still judged against every detection.
+    cell_size : int, optional
+        Side in pixels of the square cells of ``max_per_cell`` (≥ 1), counted from pixel
+        ``(0, 0)``: the cell of a peak at ``(row, col)`` is ``(row // cell_size, col //
+        cell_size)``.
 
     Returns
     -------
@@ -849,6 +965,11 @@ def find_stars(exposure: Exposure, *, threshold: float = 5.0, fwhm: float | None
         raise InputError(msg)
     if isolation_radius is not None:
         isolation_radius = _check_threshold(isolation_radius, "isolation_radius")
+    for name, value in (("max_per_cell", max_per_cell), ("cell_size", cell_size)):
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            msg = f"{name} must be a positive integer, got {value!r}"
+            raise InputError(msg)
+    thinning = None if max_per_cell is None else (int(max_per_cell), int(cell_size))
     known = _psf_fwhm(exposure)
     if known is None and fwhm is not None:
         known = _check_fwhm(fwhm)
@@ -870,7 +991,7 @@ def find_stars(exposure: Exposure, *, threshold: float = 5.0, fwhm: float | None
     table = _find(prep, threshold=threshold, isolation_radius=isolation_radius,
                   max_sources=None if max_sources is None else int(max_sources),
                   border=int(border), aperture_radius=aperture_radius,
-                  half=_measure_half(known))
+                  half=_measure_half(known), thinning=thinning)
     x0, y0 = exposure.origin
     return _finish(table, {"fwhm": known, "threshold": threshold, "x0": x0, "y0": y0},
                    sort=True)
@@ -878,25 +999,63 @@ def find_stars(exposure: Exposure, *, threshold: float = 5.0, fwhm: float | None
 
 def _find(prep: _Prepared, *, threshold: float, isolation_radius: float | None,
           max_sources: int | None, border: int, aperture_radius: float | None,
-          half: int) -> Table:
+          half: int, thinning: tuple[int, int] | None = None) -> Table:
     fwhm = prep.fwhm
     faint = min(threshold, _FAINT_THRESHOLD)
     peaks = _merge_close(_detect(prep, threshold, faint), max(1.5, 0.5 * fwhm))
     faint_xy = np.column_stack([peaks.cols, peaks.rows]).astype(np.float64)
-    height, width = prep.image.shape
+    height, width = prep.shape
     chosen = peaks.significance >= threshold
     if border:
         chosen &= ((peaks.rows >= border) & (peaks.rows < height - border)
                    & (peaks.cols >= border) & (peaks.cols < width - border))
     index = np.flatnonzero(chosen)
+    radius = 2.5 * fwhm if isolation_radius is None else isolation_radius
+    if thinning is not None and index.size:
+        index = _thin(prep, peaks, index, faint_xy, radius=radius, half=half,
+                      max_per_cell=thinning[0], cell_size=thinning[1])
     if max_sources is not None and index.size > max_sources:
         index = index[np.argsort(-peaks.significance[index], kind="stable")[:max_sources]]
     if index.size == 0:
         return _empty_table()
-    radius = 2.5 * fwhm if isolation_radius is None else isolation_radius
     return _measure(prep, peaks.rows[index], peaks.cols[index], fwhm=fwhm, half=half,
                     isolation_xy=faint_xy, isolation_radius=radius,
                     aperture_radius=aperture_radius, significance=peaks.significance[index])
+
+
+def _isolated(rows: NDArray[np.intp], cols: NDArray[np.intp],
+              isolation_xy: NDArray[np.float64], radius: float) -> NDArray[np.bool_]:
+    """No other point of ``isolation_xy`` (which holds the sources) within ``radius``."""
+    if rows.size == 0 or isolation_xy.shape[0] <= 1:
+        return np.ones(rows.size, dtype=bool)
+    counts = cKDTree(isolation_xy).query_ball_point(np.column_stack([cols, rows]), radius,
+                                                    return_length=True)
+    return np.asarray(counts) <= 1
+
+
+def _thin(prep: _Prepared, peaks: _Peaks, index: NDArray[np.intp],
+          faint_xy: NDArray[np.float64], *, radius: float, half: int, max_per_cell: int,
+          cell_size: int) -> NDArray[np.intp]:
+    """The ``max_per_cell`` best of the ``index`` peaks in every cell (see find_stars).
+
+    Peaks that are isolated and free of bad pixels within the measurement stamp come first,
+    each group by decreasing significance; ``index`` is returned in its own order.
+    """
+    rows, cols = peaks.rows[index], peaks.cols[index]
+    width = prep.shape[1]
+    cell = (rows // cell_size) * (width // cell_size + 1) + cols // cell_size
+    counts = np.bincount(cell)
+    if counts.max() <= max_per_cell:
+        return index
+    bad, _ = prep.bad_and_saturated(_StampIndex.build(prep.shape, rows, cols, half))
+    usable = _isolated(rows, cols, faint_xy, radius) & ~bad
+    order = np.lexsort((-peaks.significance[index], ~usable, cell))
+    sorted_cells = cell[order]
+    starts = np.flatnonzero(np.r_[True, sorted_cells[1:] != sorted_cells[:-1]])
+    rank = np.arange(order.size) - np.repeat(starts, np.diff(np.r_[starts, order.size]))
+    keep = np.zeros(index.size, dtype=bool)
+    keep[order[rank < max_per_cell]] = True
+    return index[keep]
 
 
 def measure_stars(exposure: Exposure, x: ArrayLike, y: ArrayLike, *,

@@ -22,10 +22,15 @@ References
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
-from collections.abc import Sequence
-from typing import Literal, NamedTuple
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, NamedTuple, TypeVar
 
+import attrs
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import interpolate, ndimage
@@ -54,6 +59,43 @@ _SCALE_VARIANCE_PLANES = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DAT
 
 Statistic = Literal["median", "clipped_mean"]
 Interpolation = Literal["cubic", "linear"]
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _parallel_map(function: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
+    """``[function(item) for item in items]``, spread over the CPUs with threads.
+
+    For NumPy/SciPy work that releases the GIL on disjoint parts of an array (row blocks of a
+    frame): one thread per CPU, at most one per item; serial with one CPU or one item.
+    """
+    tasks = list(items)
+    n_threads = min(_cpu_count(), len(tasks))
+    if n_threads <= 1:
+        return [function(task) for task in tasks]
+    with ThreadPoolExecutor(max_workers=n_threads) as pool:
+        return list(pool.map(function, tasks))
+
+
+def _split_segments(segments: list[tuple[int, int, int]], parts: int
+                    ) -> list[tuple[int, int, int]]:
+    """Runs of bins split into about ``parts`` runs (for parallel bin statistics)."""
+    out: list[tuple[int, int, int]] = []
+    for start, n, width in segments:
+        pieces = max(1, min(parts, n))
+        bounds = np.linspace(0, n, pieces + 1).round().astype(int)
+        out.extend((start + int(a) * width, int(b - a), width)
+                   for a, b in itertools.pairwise(bounds) if b > a)
+    return out
 
 
 class ClippedStats(NamedTuple):
@@ -231,33 +273,37 @@ def _axis_segments(size: int, bin_size: int) -> list[tuple[int, int, int]]:
     return [*segments, ((n_full - 1) * bin_size, 1, bin_size + rest)]
 
 
-def _row_medians(values: NDArray[np.float32], valid: NDArray[np.bool_] | None
-                 ) -> NDArray[np.float64]:
+def _row_medians(values: NDArray[np.float32], valid: NDArray[np.bool_] | None, *,
+                 overwrite: bool = False) -> NDArray[np.float64]:
     """Median of the valid entries of every row of a 2-D array (NaN where none is valid).
 
-    Invalid entries are replaced by ``-inf`` and ``+inf`` in the proportions that put the
-    upper-middle valid entry of every row at the fixed position ``m = n // 2``, so one
-    :func:`numpy.partition` call serves all rows whatever their valid counts; the
-    lower-middle entry (for an even count) is then the maximum of the first ``m`` entries.
-    ``valid=None`` means every entry is valid.
+    ``valid=None`` means every entry is valid: one :func:`numpy.partition` at the middle
+    serves all rows. Otherwise the invalid entries are replaced by ``+inf`` and every row is
+    sorted (NumPy's vectorised sort costs about as much as a partition), which puts the
+    ``count`` valid entries of a row first, in order: the median is read at positions
+    ``(count - 1) // 2`` and ``count // 2``. ``overwrite`` lets that happen in ``values``.
     """
     n = values.shape[1]
-    m = n // 2
     if valid is None:
-        count = np.full(values.shape[0], n)
-        filled = values
+        m = n // 2
+        part = np.partition(values, m, axis=1)
+        hi = part[:, m].astype(np.float64)
+        if n % 2 == 1 or m == 0:
+            return hi
+        lo = part[:, :m].max(axis=1).astype(np.float64)
+        return 0.5 * (lo + hi)
+    count = valid.sum(axis=1)
+    if overwrite:
+        ordered = values
+        np.copyto(ordered, np.inf, where=~valid)
     else:
-        count = valid.sum(axis=1)
-        n_low = m - count // 2  # invalid entries sent to -inf (0 ≤ n_low ≤ n - count)
-        invalid = ~valid
-        rank = np.cumsum(invalid, axis=1, dtype=np.int32)
-        low = invalid & (rank <= n_low[:, None])
-        filled = np.where(valid, values, np.where(low, -np.inf, np.inf)).astype(np.float32)
-    part = np.partition(filled, m, axis=1)
-    hi = part[:, m].astype(np.float64)
-    lo = part[:, :m].max(axis=1).astype(np.float64) if m > 0 else hi
-    with np.errstate(invalid="ignore"):
-        median = np.where(count % 2 == 1, hi, 0.5 * (lo + hi))
+        ordered = np.where(valid, values, np.float32(np.inf))
+    ordered.sort(axis=1)
+    upper = np.minimum(count // 2, n - 1)[:, None]
+    lower = np.maximum((count - 1) // 2, 0)[:, None]
+    hi = np.take_along_axis(ordered, upper, axis=1)[:, 0].astype(np.float64)
+    lo = np.take_along_axis(ordered, lower, axis=1)[:, 0].astype(np.float64)
+    median = 0.5 * (lo + hi)
     median[count == 0] = np.nan
     return median
 
@@ -312,7 +358,8 @@ def _block_statistic(image: NDArray[np.float32], valid: NDArray[np.bool_] | None
     values = binned(image)
     good = None if valid is None else binned(valid)
     if statistic == "median":
-        result = _row_medians(values, good)
+        # ``binned`` copies (bins are gathered across rows) unless the block is one bin wide
+        result = _row_medians(values, good, overwrite=not np.may_share_memory(values, image))
     else:
         result = _row_clipped_means(values, good)
     if good is not None:
@@ -446,11 +493,141 @@ def background_mesh(image: ArrayLike, *, mask: ArrayLike | None = None, bin_size
                             filter_size=filter_size, interpolation=interpolation)
 
 
+#: Largest number of multiply-adds of one matrix product here: OpenBLAS computes a GEMM of
+#: at most 65536 x 4 (``SMP_THRESHOLD_MIN`` x ``GEMM_MULTITHREAD_THRESHOLD``) on the calling
+#: thread, while a larger one wakes its thread pool, which then keeps spinning for ~0.1 s and
+#: slows whatever the process does next on a 2-core machine (FFT threads in particular).
+#: Larger products are split into row blocks of at most this size.
+_SERIAL_GEMM = 1 << 18
+
+
+def _serial_matmul(a: NDArray[np.float32], b: NDArray[np.float32],
+                   out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+    """``a @ b`` (2-D) by row blocks small enough for a single-threaded BLAS call."""
+    rows = max(1, _SERIAL_GEMM // max(1, a.shape[1] * b.shape[1]))
+    if out is None:
+        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+    for r0 in range(0, a.shape[0], rows):
+        np.matmul(a[r0:r0 + rows], b, out=out[r0:r0 + rows])
+    return out
+
+
+@attrs.frozen(eq=False, slots=False)  # not slotted: functools.cached_property below
+class _Mesh:
+    """A background mesh before interpolation: the sky is ``rows @ values @ columns.T``.
+
+    ``values`` (float32, bins × bins) are the filtered bin statistics; ``rows`` (H × bin
+    rows) and ``columns`` (W × bin columns) the interpolation matrices. Meshes of the same
+    image geometry share the matrices, so a difference of two skies is interpolated once.
+    The sky can also be read on row blocks (:meth:`rows_block`) and stamps (:meth:`stamps`)
+    without evaluating it everywhere.
+    """
+
+    values: NDArray[np.float32]
+    rows: NDArray[np.float32]
+    columns: NDArray[np.float32]
+
+    @functools.cached_property
+    def _row_factor(self) -> NDArray[np.float32]:
+        """``values @ columns.T``, shape (bin rows, W)."""
+        return _serial_matmul(self.values, np.ascontiguousarray(self.columns.T))
+
+    def rows_block(self, start: int, stop: int) -> NDArray[np.float32]:
+        """Rows ``[start, stop)`` of the sky (a new float32 array)."""
+        return _serial_matmul(self.rows[start:stop], self._row_factor)
+
+    def stamps(self, rows: NDArray[np.intp], cols: NDArray[np.intp]) -> NDArray[np.float32]:
+        """The sky on stamps: ``rows``, ``cols`` of shape (n, side) give (n, side, side)."""
+        left = np.matmul(self.rows[rows], self.values)  # (n, side, bin columns)
+        return np.matmul(left, self.columns[cols].transpose(0, 2, 1))
+
+    def evaluate(self, values: NDArray[np.float32] | None = None, *,
+                 out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+        """The full-resolution map of ``values`` (default: this mesh's), float32 (H, W).
+
+        The product is taken in the order whose full-size factor has the fewer bins (half
+        the arithmetic of the other order on a 1:2 frame); ``out`` receives it if given.
+        """
+        mesh = self.values if values is None else values
+        if mesh.shape[0] <= mesh.shape[1]:
+            return _serial_matmul(self.rows, _serial_matmul(mesh, self.columns.T), out=out)
+        return _serial_matmul(_serial_matmul(self.rows, mesh), self.columns.T, out=out)
+
+    def blocks(self, values: NDArray[np.float32], block_rows: int
+               ) -> Iterator[tuple[slice, NDArray[np.float32]]]:
+        """The map of ``values`` as ``(row slice, block)`` pieces of ``block_rows`` rows.
+
+        For in-place updates of full-size planes without a full-size temporary.
+        """
+        height = self.rows.shape[0]
+        by_rows = values.shape[0] <= values.shape[1]
+        factor = (_serial_matmul(values, self.columns.T) if by_rows
+                  else np.asarray(values, dtype=np.float32))
+        for r0 in range(0, height, block_rows):
+            rows = slice(r0, min(r0 + block_rows, height))
+            block = _serial_matmul(self.rows[rows], factor)
+            yield rows, block if by_rows else _serial_matmul(block, self.columns.T)
+
+    def for_blocks(self, values: NDArray[np.float32], block_rows: int,
+                   function: Callable[[slice, NDArray[np.float32]], None]) -> None:
+        """``function(rows, block)`` for every piece of :meth:`blocks`, in parallel threads.
+
+        ``function`` must only touch the rows it is given.
+        """
+        height = self.rows.shape[0]
+        by_rows = values.shape[0] <= values.shape[1]
+        factor = (_serial_matmul(values, self.columns.T) if by_rows
+                  else np.asarray(values, dtype=np.float32))
+        n_parts = _cpu_count()
+        bounds = np.linspace(0, height, n_parts + 1).round().astype(int)
+
+        def run(part: tuple[int, int]) -> None:
+            for r0 in range(part[0], part[1], block_rows):
+                rows = slice(r0, min(r0 + block_rows, part[1]))
+                block = _serial_matmul(self.rows[rows], factor)
+                function(rows, block if by_rows else _serial_matmul(block, self.columns.T))
+
+        _parallel_map(run, [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a])
+
+
+def _sample_segments(segments: list[tuple[int, int, int]], stride: int
+                     ) -> list[tuple[int, int, int]] | None:
+    """The bins of ``segments`` on the grid of every ``stride``-th pixel (None if misaligned).
+
+    A bin ``[start, start + width)`` sampled from its first pixel on holds the grid points
+    ``start / stride ... (start + width - 1) / stride`` when ``start`` is a multiple of the
+    stride; a run of several bins also needs ``width`` to be one.
+    """
+    out = []
+    for start, n, width in segments:
+        if start % stride or (n > 1 and width % stride):
+            return None
+        out.append((start // stride, n, -(-width // stride)))
+    return out
+
+
 def _background_mesh(image: ArrayLike, *, mask: ArrayLike | None, bin_size: int,
                      statistic: Statistic = "median", filter_size: int = 3,
                      interpolation: Interpolation = "cubic", stride: int = 1
                      ) -> NDArray[np.float32]:
     """:func:`background_mesh`, optionally from every ``stride``-th row and column of a bin."""
+    return _mesh_model(image, mask=mask, bin_size=bin_size, statistic=statistic,
+                       filter_size=filter_size, interpolation=interpolation,
+                       stride=stride).evaluate()
+
+
+def _mesh_model(image: ArrayLike, *, mask: ArrayLike | None, bin_size: int,
+                statistic: Statistic = "median", filter_size: int = 3,
+                interpolation: Interpolation = "cubic", stride: int = 1,
+                sampled_mask: bool = False, like: _Mesh | None = None) -> _Mesh:
+    """The :class:`_Mesh` of :func:`background_mesh` (``stride``: see :func:`_background_mesh`).
+
+    Only the pixels a bin statistic uses (every ``stride``-th row and column of each bin) are
+    tested for validity. With ``sampled_mask`` the mask is given on that grid only, i.e. it
+    has the shape of ``image[::stride, ::stride]`` (``bin_size`` must then be a multiple of
+    ``stride``). ``like``, a mesh of the same image shape, ``bin_size`` and
+    ``interpolation``, lends its interpolation matrices.
+    """
     array = np.asarray(image)
     if array.ndim != 2 or array.size == 0:
         msg = f"image must be a non-empty 2-D array, got shape {array.shape}"
@@ -470,20 +647,41 @@ def _background_mesh(image: ArrayLike, *, mask: ArrayLike | None, bin_size: int,
         raise InputError(msg)
     bin_size = int(bin_size)
     data = np.asarray(array, dtype=np.float32)
-    valid = np.isfinite(data)
-    if mask is not None:
-        flags = np.asarray(mask)
-        if flags.shape != data.shape:
-            msg = f"mask shape {flags.shape} differs from the image shape {data.shape}"
-            raise InputError(msg)
-        valid &= ~flags.astype(bool)
-
     height, width = data.shape
     row_segments = _axis_segments(height, bin_size)
     col_segments = _axis_segments(width, bin_size)
+    sample = (slice(None, None, stride), slice(None, None, stride))
+    sampled_rows = _sample_segments(row_segments, stride)
+    sampled_cols = _sample_segments(col_segments, stride)
+    flags: NDArray[np.bool_] | None = None
+    if mask is not None:
+        flags = np.asarray(mask)
+        expected = data[sample].shape if sampled_mask else data.shape
+        if flags.shape != expected:
+            msg = f"mask shape {flags.shape} differs from the image shape {expected}"
+            raise InputError(msg)
+    if sampled_rows is not None and sampled_cols is not None:
+        # Statistics on the sampled grid: validity is only evaluated where it is used.
+        values = data[sample]
+        valid = np.isfinite(values)
+        if flags is not None:
+            valid &= ~(flags if sampled_mask else flags[sample]).astype(bool, copy=False)
+        row_blocks, col_blocks, step = sampled_rows, sampled_cols, 1
+    elif sampled_mask:
+        msg = f"a sampled mask needs bin_size ({bin_size}) to be a multiple of {stride}"
+        raise InputError(msg)
+    else:
+        values = data
+        valid = np.isfinite(values)
+        if flags is not None:
+            valid &= ~flags.astype(bool, copy=False)
+        row_blocks, col_blocks, step = row_segments, col_segments, stride
     flags_or_none = None if bool(valid.all()) else valid
-    mesh = np.block([[_block_statistic(data, flags_or_none, rs, cs, statistic, stride)
-                      for cs in col_segments] for rs in row_segments])
+    # the bin statistics of runs of bin rows, one run per CPU
+    row_runs = _split_segments(row_blocks, _cpu_count())
+    mesh = np.vstack(_parallel_map(
+        lambda rs: np.hstack([_block_statistic(values, flags_or_none, rs, cs, statistic, step)
+                              for cs in col_blocks]), row_runs))
     empty = ~np.isfinite(mesh)
     if empty.all():
         msg = ("background_mesh: no bin has enough valid pixels (every pixel is masked or "
@@ -503,11 +701,14 @@ def _background_mesh(image: ArrayLike, *, mask: ArrayLike | None, bin_size: int,
         return np.concatenate([start + width_ * np.arange(n) + 0.5 * (width_ - 1)
                                for start, n, width_ in segments])
 
+    if like is not None and like.rows.shape == (height, mesh.shape[0]) \
+            and like.columns.shape == (width, mesh.shape[1]):
+        return _Mesh(mesh.astype(np.float32), like.rows, like.columns)
     row_matrix = _interpolation_matrix(centres(row_segments),
                                        np.arange(height, dtype=np.float64), interpolation)
     col_matrix = _interpolation_matrix(centres(col_segments),
                                        np.arange(width, dtype=np.float64), interpolation)
-    return (row_matrix @ mesh.astype(np.float32)) @ col_matrix.T
+    return _Mesh(mesh.astype(np.float32), row_matrix, col_matrix)
 
 
 # ------------------------------------------------------------------------------------------
@@ -610,19 +811,20 @@ def variance_scale_factor(exposure: Exposure, *, bin_size: int = 32,
     has_detections = ("DETECTED" in exposure.mask_planes.names
                       and bool(exposure.masked("DETECTED").any()))
     stride = 2 if min(image.shape) >= 4 * bin_size else 1
+    first: _Mesh | None = None
     if not has_detections:
-        rough = np.subtract(image, _background_mesh(image, mask=~good, bin_size=bin_size,
-                                                    stride=stride), dtype=np.float32)
+        first = _mesh_model(image, mask=~good, bin_size=bin_size, stride=stride)
+        rough = np.subtract(image, first.evaluate(), dtype=np.float32)
         # an approximate σ is enough for the source threshold: every other row and column
         sigma = robust_std(rough[::2, ::2], mask=~good[::2, ::2])
         sources = _grow(rough > 3.0 * sigma, 2)
         if (good & ~sources).any():
             good &= ~sources
-    background = _background_mesh(image, mask=~good, bin_size=bin_size,
-                                  statistic="clipped_mean", stride=stride)
+    background = _mesh_model(image, mask=~good, bin_size=bin_size, statistic="clipped_mean",
+                             stride=stride, like=first).evaluate()
     residual = np.subtract(image, background, dtype=np.float32)[good]
     ratio = residual / np.sqrt(variance[good], dtype=np.float32)
-    q25, q75 = np.percentile(ratio, [25.0, 75.0])
+    q25, q75 = np.percentile(ratio, [25.0, 75.0], overwrite_input=True)  # a temporary
     factor = float((0.74 * (q75 - q25)) ** 2)
     if factor > limit:
         q25, q75 = np.percentile(residual, [25.0, 75.0])

@@ -241,6 +241,63 @@ def test_background_none_on_a_sky_subtracted_image() -> None:
         == pytest.approx(1.0, abs=0.02)
 
 
+def test_max_per_cell_measures_the_best_detections_of_every_cell() -> None:
+    science = _pair().science
+    stars = _stars()
+    cell = 128
+    thinned = find_stars(science, max_per_cell=3, cell_size=cell)
+    rows = np.rint(np.asarray(thinned["y"])).astype(int)
+    cols = np.rint(np.asarray(thinned["x"])).astype(int)
+    ids = (rows // cell) * 100 + cols // cell
+    assert np.bincount(np.unique(ids, return_inverse=True)[1]).max() <= 3
+    assert 3 * 16 * 0.8 < len(thinned) <= 3 * 36  # nearly every 128-pixel cell holds three
+    # every kept source is a detection of the full run, and the clean isolated ones come first
+    tree = cKDTree(np.column_stack([np.asarray(stars["x"]), np.asarray(stars["y"])]))
+    distance, index = tree.query(np.column_stack([np.asarray(thinned["x"]),
+                                                  np.asarray(thinned["y"])]))
+    assert np.all(distance < 0.5)
+    usable = np.asarray(stars["isolated"]) & ~np.asarray(stars["masked"])
+    s_rows = np.rint(np.asarray(stars["y"])).astype(int)
+    s_cols = np.rint(np.asarray(stars["x"])).astype(int)
+    s_ids = (s_rows // cell) * 100 + s_cols // cell
+    for cell_id in np.unique(ids):
+        kept = index[ids == cell_id]
+        offered = np.flatnonzero((s_ids == cell_id) & usable)
+        expected = min(3, offered.size)
+        assert np.sum(usable[kept]) == expected
+        # the brightest usable sources of the cell (S/N as a proxy for the detection order)
+        best = offered[np.argsort(-np.asarray(stars["snr"])[offered])][:expected]
+        assert len(set(best) & set(kept)) >= expected - 1
+    # the measurements themselves do not depend on the thinning
+    ratio = np.asarray(thinned["flux"]) / np.asarray(stars["flux"])[index]
+    assert np.median(np.abs(ratio - 1.0)) < 0.01
+
+
+def test_local_maxima_matches_a_padded_reference() -> None:
+    from skydiff.sources import _local_maxima
+
+    rng = np.random.default_rng(17)
+    image = rng.integers(0, 4, (40, 57)).astype(np.float32)  # many ties and plateaus
+    image[0, :] = rng.integers(0, 6, 57)  # peaks on the border rows and columns
+    image[:, -1] = rng.integers(0, 6, 40)
+    candidates = np.flatnonzero(image > 0)
+    padded = np.pad(image, 1, constant_values=-np.inf)
+    rows, cols = np.divmod(candidates, image.shape[1])
+    keep = np.ones(candidates.size, dtype=bool)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            if dr == 0 and dc == 0:
+                continue
+            neighbour = padded[rows + 1 + dr, cols + 1 + dc]
+            earlier = dr < 0 or (dr == 0 and dc < 0)
+            keep &= (image[rows, cols] > neighbour) if earlier else (
+                image[rows, cols] >= neighbour)
+    np.testing.assert_array_equal(_local_maxima(image, candidates), candidates[keep])
+    view = np.zeros((50, 70), np.float32)[3:43, 5:62]  # a strided view, as the smoothed plane
+    view[...] = image
+    np.testing.assert_array_equal(_local_maxima(view, candidates), candidates[keep])
+
+
 # ------------------------------------------------------------------------------------------
 # measure_stars
 
@@ -299,6 +356,7 @@ def test_no_finite_pixel_raises() -> None:
 @pytest.mark.parametrize("kwargs", [
     {"threshold": -1.0}, {"fwhm": 0.0}, {"background": "median"}, {"border": -1},
     {"max_sources": -2}, {"bad_planes": "BAD"}, {"isolation_radius": 0.0},
+    {"max_per_cell": 0}, {"max_per_cell": 2, "cell_size": 0}, {"max_per_cell": 1.5},
 ])
 def test_invalid_options(kwargs: dict) -> None:
     science = simulate_pair(shape=(64, 64), n_stars=5, seed=1).science.evolve(psf=None)

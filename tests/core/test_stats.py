@@ -195,6 +195,58 @@ def test_background_mesh_all_masked_raises() -> None:
         background_mesh(np.zeros(10))
 
 
+def test_row_medians_match_nanmedian() -> None:
+    from skydiff.stats import _row_medians
+
+    rng = np.random.default_rng(11)
+    for n in (1, 2, 5, 64, 257):
+        values = rng.normal(size=(40, n)).astype(np.float32)
+        values[:, ::3] = np.round(values[:, ::3])  # ties
+        valid = rng.random((40, n)) > 0.4
+        valid[0] = False  # an empty row
+        with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+            expected = np.nanmedian(np.where(valid, values, np.nan).astype(np.float64), axis=1)
+        np.testing.assert_array_equal(_row_medians(values, valid), expected)
+        np.testing.assert_array_equal(_row_medians(values.copy(), valid, overwrite=True),
+                                      expected)
+        np.testing.assert_array_equal(_row_medians(values, None),
+                                      np.median(values.astype(np.float64), axis=1))
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_mesh_from_a_sampled_mask_and_by_row_blocks(stride: int) -> None:
+    from skydiff.stats import _background_mesh, _mesh_model
+
+    rng = np.random.default_rng(12)
+    image = rng.normal(100.0, 3.0, (300, 420)).astype(np.float32)
+    mask = rng.random(image.shape) < 0.3
+    full = _mesh_model(image, mask=mask, bin_size=64, stride=stride)
+    sampled = _mesh_model(image, mask=mask[::stride, ::stride], bin_size=64, stride=stride,
+                          sampled_mask=True, like=full)
+    np.testing.assert_array_equal(sampled.values, full.values)
+    assert sampled.rows is full.rows and sampled.columns is full.columns
+    np.testing.assert_allclose(full.evaluate(),
+                               _background_mesh(image, mask=mask, bin_size=64, stride=stride),
+                               rtol=1e-6)
+    blocks = np.empty(image.shape, np.float32)
+    for rows, block in full.blocks(full.values, 37):
+        blocks[rows] = block
+    np.testing.assert_allclose(blocks, full.evaluate(), rtol=1e-6)
+    with pytest.raises(InputError, match="multiple"):
+        _mesh_model(image, mask=mask[::3, ::3], bin_size=64, stride=3, sampled_mask=True)
+
+
+def test_serial_matmul_matches_matmul() -> None:
+    from skydiff.stats import _serial_matmul
+
+    rng = np.random.default_rng(13)
+    a = rng.normal(size=(517, 33)).astype(np.float32)
+    b = rng.normal(size=(33, 2049)).astype(np.float32)
+    np.testing.assert_allclose(_serial_matmul(a, b), a @ b, rtol=1e-5, atol=1e-5)
+    out = np.empty((517, 2049), np.float32)
+    assert _serial_matmul(a, b.T.copy().T, out=out) is out
+
+
 # ------------------------------------------------------------------------------------------
 # variance_scale_factor
 

@@ -391,7 +391,8 @@ class PsfMatchSubtraction(skydiff.Subtraction):
             x=np.asarray(table["x"], dtype=np.float64) + x0,
             y=np.asarray(table["y"], dtype=np.float64) + y0,
             size=2 * kernel_size + 1,
-            mask=_flags(matched_to, bad), template_mask=_flags(convolved, bad),
+            mask=matched_to.mask, mask_bits=_bits(matched_to.mask_planes, bad),
+            template_mask=convolved.mask, template_mask_bits=_bits(convolved.mask_planes, bad),
             origin=(x0, y0))
         bbox = exposure_bbox(matched_to)
         use_pca = (config.use_pca == "always"
@@ -427,38 +428,59 @@ class PsfMatchSubtraction(skydiff.Subtraction):
             raise skydiff.NoKernelCandidatesError(msg) from exc
         return fit, bbox
 
-    def _difference_background(self, fit: _KernelFit, raw: skydiff.Exposure,
-                               inverse_ksum: np.ndarray | None, science: skydiff.Exposure,
-                               template: skydiff.Exposure) -> tuple[np.ndarray, np.ndarray]:
+    def _difference(self, fit: _KernelFit, raw: _RawDifference, *,
+                    science: skydiff.Exposure, template: skydiff.Exposure
+                    ) -> tuple[skydiff.Exposure, np.ndarray, np.ndarray]:
+        """The difference exposure, its differential background and the coefficients.
+
+        The background of the raw difference (:meth:`_difference_background`) is removed
+        from ``raw.image`` in place when ``subtract_background``; the planes become the
+        difference exposure without a copy (``raw.like`` lends the metadata).
+        """
+        background, coefficients = self._difference_background(fit, raw, science, template)
+        if self.config.subtract_background:
+            np.subtract(raw.image, background, out=raw.image)
+        changes: dict[str, Any] = {} if raw.psf is _SAME_PSF else {"psf": raw.psf}
+        difference = raw.like.evolve(image=frozen(raw.image), variance=frozen(raw.variance),
+                                     mask=frozen(raw.mask), mask_planes=raw.planes, **changes)
+        return difference, background, coefficients
+
+    def _difference_background(self, fit: _KernelFit, raw: _RawDifference,
+                               science: skydiff.Exposure, template: skydiff.Exposure
+                               ) -> tuple[np.ndarray, np.ndarray]:
         """The differential background of ``raw`` (in its units) and its coefficients.
 
         ``background_method = "sky"`` fits the spatial polynomial to the sky pixels of the
         raw difference (:func:`._common.fit_sky_background`); ``"kernel_fit"`` uses the
         background solved with the kernel (divided by :math:`-k` for ``convolveScience``).
+        The image is a new float32 array, evaluated separably (:func:`._common.spatial_image`).
         """
         config = self.config
         n_terms = (config.spatial_bg_order + 1) * (config.spatial_bg_order + 2) // 2
+        shape, origin = raw.image.shape, raw.like.origin
         if not config.fit_background:
-            return np.zeros(raw.shape, dtype=np.float32), np.zeros(n_terms)
+            return np.zeros(shape, dtype=np.float32), np.zeros(n_terms)
         kernel = fit.kernel
         if config.background_method == "kernel_fit":
             coefficients = np.asarray(fit.background_coefficients, dtype=np.float64)
             image = spatial_image(coefficients, order=fit.background_order, bbox=kernel.bbox,
-                                  kind=kernel.kind, shape=raw.shape, origin=raw.origin)
-            if inverse_ksum is not None:
-                image = -image * inverse_ksum
+                                  kind=kernel.kind, shape=shape, origin=origin)
+            if raw.inverse_ksum is not None:
+                np.multiply(image, raw.inverse_ksum, out=image)
+                np.negative(image, out=image)
                 coefficients = -coefficients / kernel.sum
             return image, coefficients
         exclude = (*config.kernel_sources.bad_planes, "DETECTED", "DETECTED_NEGATIVE")
+        bad_bits = _bits(raw.planes, tuple(config.kernel_sources.bad_planes))
         coefficients = fit_sky_background(
             raw.image, raw.variance,
-            lambda rows, cols: ~(_flags(raw, tuple(config.kernel_sources.bad_planes), rows, cols)
+            lambda rows, cols: ~((raw.mask[rows, cols] & np.uint32(bad_bits)) != 0
                                  | _flags(science, exclude, rows, cols)
                                  | _flags(template, exclude, rows, cols)),
             order=config.spatial_bg_order, bbox=kernel.bbox, kind=kernel.kind,
-            origin=raw.origin)
+            origin=origin)
         image = spatial_image(coefficients, order=config.spatial_bg_order, bbox=kernel.bbox,
-                              kind=kernel.kind, shape=raw.shape, origin=raw.origin)
+                              kind=kernel.kind, shape=shape, origin=origin)
         return image, coefficients
 
     @staticmethod
@@ -497,6 +519,34 @@ class PsfMatchSubtraction(skydiff.Subtraction):
             "kernel_fit_background_coefficients": [float(c) for c in
                                                    fit.background_coefficients],
         }
+
+
+#: Marks a :class:`_RawDifference` that keeps the PSF of the exposure it is modelled on.
+_SAME_PSF: Any = object()
+
+
+@attrs.define(eq=False)
+class _RawDifference:
+    r"""The planes of a difference before background removal (fresh, writable arrays).
+
+    ``like`` is the exposure whose metadata (origin, WCS, calibration, PSF unless ``psf`` is
+    given) the difference takes; ``inverse_ksum`` is :math:`1/\sum\kappa` for
+    ``convolveScience`` (None otherwise).
+    """
+
+    image: np.ndarray
+    variance: np.ndarray
+    mask: np.ndarray
+    planes: skydiff.MaskPlanes
+    like: skydiff.Exposure
+    matched: skydiff.Exposure
+    inverse_ksum: np.ndarray | None = None
+    psf: Any = _SAME_PSF
+
+
+def _bits(planes: skydiff.MaskPlanes, names: tuple[str, ...]) -> int:
+    present = [name for name in names if name in planes.names]
+    return planes.value(*present) if present else 0
 
 
 def _flags(exposure: skydiff.Exposure, planes: tuple[str, ...], rows: slice = slice(None),
@@ -643,12 +693,11 @@ class AlSubtraction(PsfMatchSubtraction):
             science_c, template_c = mask_hygiene(
                 science_p, template_p,
                 preserve_template_planes=config.preserve_template_planes)
-            raw, matched, inverse_ksum = self._raw_difference(science_c, template_c, kernel,
-                                                              convolve_template)
-            background, bg_coefficients = self._difference_background(
-                fit, raw, inverse_ksum, science_p, template_p)
-            difference = (raw.evolve(image=frozen(raw.image - background))
-                          if config.subtract_background else raw)
+            raw = self._raw_difference(science_c, template_c, kernel, convolve_template)
+            matched = raw.matched
+            difference, background, bg_coefficients = self._difference(
+                fit, raw, science=science_p, template=template_p)
+            del raw
         metadata: dict[str, Any] = {
             "mode": mode,
             "template_coverage": prepared.coverage,
@@ -672,35 +721,38 @@ class AlSubtraction(PsfMatchSubtraction):
                             score=decorrelated.score, metadata=metadata)
 
     def _raw_difference(self, science: skydiff.Exposure, template: skydiff.Exposure,
-                        kernel: skydiff.BasisKernel, convolve_template: bool
-                        ) -> tuple[skydiff.Exposure, skydiff.Exposure, np.ndarray | None]:
-        r"""The difference before background removal, the matched image and 1/Σκ (or None).
+                        kernel: skydiff.BasisKernel, convolve_template: bool) -> _RawDifference:
+        r"""The difference before background removal and the matched image.
 
         ``convolveTemplate``: :math:`S - \kappa\otimes T`, variance
         :math:`V_S + \kappa^2\otimes V_T`, science PSF. ``convolveScience``:
         :math:`(\kappa\otimes S - T)/k`, variance :math:`(\kappa^2\otimes V_S + V_T)/k^2`,
-        template PSF, with :math:`k(x, y) = \sum\kappa(x, y)`.
+        template PSF, with :math:`k(x, y) = \sum\kappa(x, y)` (``inverse_ksum`` holds
+        :math:`1/k`). Each plane is computed once into a new array.
         """
         if convolve_template:
             matched = skydiff.convolve(template, kernel, preserve_planes=())
             mask, planes = merge_masks(science, matched.mask, matched.mask_planes)
-            raw = science.evolve(image=frozen(science.image - matched.image),
-                                 variance=frozen(science.variance + matched.variance),
-                                 mask=frozen(mask), mask_planes=planes)
-            return raw, matched, None
+            return _RawDifference(image=np.subtract(science.image, matched.image),
+                                  variance=np.add(science.variance, matched.variance),
+                                  mask=mask, planes=planes, like=science, matched=matched)
         convolved = skydiff.convolve(science, kernel, preserve_planes=())
-        ksum = spatial_image(kernel.spatial_images().sum(axis=(1, 2)), order=kernel.order,
-                             bbox=kernel.bbox, kind=kernel.kind, shape=science.shape,
-                             origin=science.origin)
-        if not np.all(ksum > 0):
+        inverse = spatial_image(kernel.spatial_images().sum(axis=(1, 2)), order=kernel.order,
+                                bbox=kernel.bbox, kind=kernel.kind, shape=science.shape,
+                                origin=science.origin)
+        if not np.all(inverse > 0):
             msg = "the PSF-matching kernel sum is not positive everywhere; cannot normalise"
             raise skydiff.NoKernelCandidatesError(msg)
-        inverse = np.float32(1.0) / ksum
-        matched = convolved.evolve(image=frozen(convolved.image * inverse),
-                                   variance=frozen(convolved.variance * inverse**2),
+        np.reciprocal(inverse, out=inverse)
+        inverse2 = np.square(inverse)
+        matched = convolved.evolve(image=frozen(np.multiply(convolved.image, inverse)),
+                                   variance=frozen(np.multiply(convolved.variance, inverse2)),
                                    psf=template.psf)
         mask, planes = merge_masks(matched, template.mask, template.mask_planes)
-        raw = science.evolve(image=frozen(matched.image - template.image * inverse),
-                             variance=frozen(matched.variance + template.variance * inverse**2),
-                             mask=frozen(mask), mask_planes=planes, psf=template.psf)
-        return raw, matched, inverse
+        image = np.multiply(template.image, inverse)
+        np.subtract(matched.image, image, out=image)
+        variance = np.multiply(template.variance, inverse2, out=inverse2)
+        variance += matched.variance
+        return _RawDifference(image=image, variance=variance, mask=mask, planes=planes,
+                              like=science, matched=matched, inverse_ksum=inverse,
+                              psf=template.psf)

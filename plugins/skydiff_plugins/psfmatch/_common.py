@@ -13,6 +13,10 @@ Everything here returns new objects; the caller's exposures are never modified.
 * :func:`psf_fwhm`, :func:`psf_axis_fwhms` -- PSF widths for the basis and the ``auto`` mode.
 * :func:`spatial_image` -- a Chebyshev/polynomial model of position evaluated on the pixel
   grid, separably.
+* :func:`serial_matmul` -- a matrix product split so that BLAS never wakes its thread pool.
+
+Whole-image passes avoid full-size temporaries (row blocks, in-place operations): on a
+2048 × 4096 frame every fresh 32 MB array costs page faults comparable to the arithmetic.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ __all__ = [
     "psf_axis_fwhms",
     "psf_fwhm",
     "scale_variances",
+    "serial_matmul",
     "spatial_image",
     "template_coverage",
     "validate_pair",
@@ -103,13 +108,23 @@ def _plane_bits(exposure: skydiff.Exposure, names: Sequence[str]) -> int:
 
 
 def template_coverage(science: skydiff.Exposure, template: skydiff.Exposure) -> float:
-    """Fraction of pixels where neither the science nor the template is ``NO_DATA``."""
-    bad = np.zeros(science.shape, dtype=bool)
-    for exposure in (science, template):
-        bits = _plane_bits(exposure, ("NO_DATA",))
-        if bits:
-            bad |= (exposure.mask & np.uint32(bits)) != 0
-    return float(1.0 - bad.mean())
+    """Fraction of pixels where neither the science nor the template is ``NO_DATA``.
+
+    Counted by row blocks, without full-size temporaries.
+    """
+    bits = [(exposure.mask, np.uint32(_plane_bits(exposure, ("NO_DATA",))))
+            for exposure in (science, template)]
+    bits = [(mask, value) for mask, value in bits if value]
+    if not bits:
+        return 1.0
+    n_bad = 0
+    for r0 in range(0, science.shape[0], _ROW_BLOCK):
+        rows = slice(r0, r0 + _ROW_BLOCK)
+        bad = (bits[0][0][rows] & bits[0][1]) != 0
+        for mask, value in bits[1:]:
+            bad |= (mask[rows] & value) != 0
+        n_bad += int(np.count_nonzero(bad))
+    return float(1.0 - n_bad / science.image.size)
 
 
 def variance_factor(exposure: skydiff.Exposure, *, max_pixels: int = 1 << 19,
@@ -199,27 +214,81 @@ def mask_hygiene(science: skydiff.Exposure, template: skydiff.Exposure, *,
       every plane except ``preserve_template_planes`` (and the copies) is cleared;
     * science: the detection planes are cleared (the difference gets its own detections).
 
+    The masks are rewritten with whole-array bit operations, and only where a bit actually
+    changes: an input whose mask needs no change keeps its mask array (shared, not copied).
+
     Returns
     -------
     science, template : skydiff.Exposure
-        New exposures.
+        The updated exposures (``science`` itself when it has no detection bit set).
     """
     t_planes = template.mask_planes
-    t_mask = template.mask.copy()
+    source = template.mask
+    t_used = int(np.bitwise_or.reduce(source, axis=None))
+    moves = []
     copies = []
-    for source, target in template_copies:
-        if source in t_planes.names:
+    for name, target in template_copies:
+        if name in t_planes.names:
             t_planes = t_planes.with_plane(target)
             copies.append(target)
-            flags = (template.mask & np.uint32(t_planes.value(source))) != 0
-            t_mask |= flags.astype(np.uint32) << np.uint32(t_planes.bit(target))
+            if t_used >> t_planes.bit(name) & 1:
+                moves.append((t_planes.bit(name), t_planes.bit(target)))
     keep = [name for name in (*preserve_template_planes, *copies) if name in t_planes.names]
     keep_bits = t_planes.value(*keep) if keep else 0
-    t_mask &= np.uint32(keep_bits)
+    if t_used & ~keep_bits or moves:
+        t_mask = np.bitwise_and(source, np.uint32(keep_bits))
+        _or_moved_bits(t_mask, source, moves)
+        template = template.evolve(mask=frozen(t_mask), mask_planes=t_planes)
+    elif t_planes != template.mask_planes:
+        template = template.evolve(mask_planes=t_planes)
     s_bits = _plane_bits(science, clear_science_planes)
-    s_mask = science.mask & np.uint32(~s_bits & 0xFFFFFFFF)
-    return (science.evolve(mask=frozen(s_mask)),
-            template.evolve(mask=frozen(t_mask), mask_planes=t_planes))
+    if s_bits and int(np.bitwise_or.reduce(science.mask, axis=None)) & s_bits:
+        s_mask = np.bitwise_and(science.mask, np.uint32(~s_bits & 0xFFFFFFFF))
+        science = science.evolve(mask=frozen(s_mask))
+    return science, template
+
+
+#: Rows per block of the whole-image mask passes (small temporaries, no full-size ones).
+_ROW_BLOCK = 128
+
+#: Largest number of multiply-adds of one matrix product (see :func:`serial_matmul`): 65536 x 4,
+#: OpenBLAS's ``SMP_THRESHOLD_MIN`` x ``GEMM_MULTITHREAD_THRESHOLD``.
+SERIAL_GEMM = 1 << 18
+
+
+def serial_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``a @ b`` (2-D) by row blocks of at most :data:`SERIAL_GEMM` multiply-adds.
+
+    OpenBLAS computes such products on the calling thread only; a larger one wakes its thread
+    pool, which keeps spinning for ~0.1 s afterwards and on a 2-core machine slows down
+    whatever the process does next (the FFT threads in particular) far more than the product
+    gained. The blocks give the same result.
+    """
+    rows = max(1, SERIAL_GEMM // max(1, a.shape[1] * b.shape[1]))
+    if out is None:
+        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+    for r0 in range(0, a.shape[0], rows):
+        np.matmul(a[r0:r0 + rows], b, out=out[r0:r0 + rows])
+    return out
+
+
+def _or_moved_bits(out: np.ndarray, mask: np.ndarray, moves: Sequence[tuple[int, int]]
+                   ) -> None:
+    """``out |= ((mask >> bit) & 1) << target`` for every ``(bit, target)``, by row blocks."""
+    if not moves:
+        return
+    scratch = np.empty((min(_ROW_BLOCK, mask.shape[0]), *mask.shape[1:]), dtype=mask.dtype)
+    for r0 in range(0, mask.shape[0], _ROW_BLOCK):
+        source = mask[r0:r0 + _ROW_BLOCK]
+        target_rows = out[r0:r0 + _ROW_BLOCK]
+        moved = scratch[:source.shape[0]]
+        for bit, target in moves:
+            np.bitwise_and(source, np.uint32(1 << bit), out=moved)
+            if target > bit:
+                np.left_shift(moved, np.uint32(target - bit), out=moved)
+            elif target < bit:
+                np.right_shift(moved, np.uint32(bit - target), out=moved)
+            np.bitwise_or(target_rows, moved, out=target_rows)
 
 
 def merge_masks(first: skydiff.Exposure, second_mask: np.ndarray,
@@ -227,24 +296,36 @@ def merge_masks(first: skydiff.Exposure, second_mask: np.ndarray,
                 ) -> tuple[np.ndarray, skydiff.MaskPlanes]:
     """OR a second mask into the first exposure's, translating bits by plane name.
 
+    Planes at the same bit in both masks are merged in one operation; only planes whose bit
+    differs are moved one by one.
+
     Returns
     -------
     mask : ndarray of uint32
-        The merged mask.
+        The merged mask (a new array).
     planes : skydiff.MaskPlanes
         The first exposure's planes plus any plane only the second defines.
     """
     planes = first.mask_planes
-    out = first.mask.copy()
     used = int(np.bitwise_or.reduce(second_mask, axis=None)) if second_mask.size else 0
+    same = 0
+    moves = []
     for name in second_planes.names:
         bit = second_planes.bit(name)
         if not used >> bit & 1:
             continue
         planes = planes.with_plane(name)
         target = planes.bit(name)
-        flags = (second_mask >> np.uint32(bit)) & np.uint32(1)
-        out |= flags << np.uint32(target)
+        if target == bit:
+            same |= 1 << bit
+        else:
+            moves.append((bit, target))
+    if same:
+        out = np.bitwise_and(second_mask, np.uint32(same))
+        np.bitwise_or(out, first.mask, out=out)
+    else:
+        out = first.mask.copy()
+    _or_moved_bits(out, second_mask, moves)
     return out, planes
 
 
@@ -325,14 +406,16 @@ def psf_axis_fwhms(exposure: skydiff.Exposure) -> tuple[float, float]:
 
 def spatial_image(coefficients: np.ndarray, *, order: int,
                   bbox: tuple[float, float, float, float], kind: str,
-                  shape: tuple[int, int], origin: tuple[int, int], stride: int = 1
-                  ) -> np.ndarray:
+                  shape: tuple[int, int], origin: tuple[int, int], stride: int = 1,
+                  out: np.ndarray | None = None) -> np.ndarray:
     r"""Evaluate :math:`\sum_t c_t f_t(x, y)` at every pixel, separably, in float32.
 
     :math:`f_t = T_i(u) T_j(v)` (or :math:`u^i v^j`) in the term order of
     :func:`skydiff.chebyshev_terms`, with :math:`u, v` the positions mapped from ``bbox``
-    onto :math:`[-1, 1]`. Each term is an outer product of a column and a row factor, so no
-    ``(n_terms, H, W)`` array is ever built.
+    onto :math:`[-1, 1]`. Grouping the terms by their row factor,
+    :math:`\sum_j T_j(v) \big(\sum_i c_{ij} T_i(u)\big)`, the image is the product of an
+    ``(H, n + 1)`` and an ``(n + 1, W)`` float32 matrix: one pass over the output, and no
+    ``(n_terms, H, W)`` array or full-size temporary is ever built.
 
     Parameters
     ----------
@@ -351,26 +434,34 @@ def spatial_image(coefficients: np.ndarray, *, order: int,
     stride : int, optional
         Evaluate every ``stride``-th row and column only (shape ``ceil(H/stride),
         ceil(W/stride)``).
+    out : ndarray of float32, optional
+        C-contiguous array of the output shape that receives the result.
 
     Returns
     -------
     ndarray, float32
+        ``out`` if given.
     """
     height, width = shape
     x0, y0 = origin
     u, v = _normalised_axes(height, width, x0, y0, bbox, stride)
     fu = _vander(u, order, kind)
     fv = _vander(v, order, kind)
-    out = np.zeros((v.size, u.size), dtype=np.float32)
     coeffs = np.asarray(coefficients, dtype=np.float64).reshape(-1)
     # Group the terms by their row factor: sum_i c_ij T_i(u) is one row vector per j.
     row_vectors: dict[int, np.ndarray] = {}
     for c, (i, j) in zip(coeffs, skydiff.chebyshev_terms(order), strict=True):
         if c != 0.0:
             row_vectors[j] = row_vectors.get(j, np.zeros(u.size)) + c * fu[i]
-    for j, row in row_vectors.items():
-        out += np.outer(fv[j].astype(np.float32), row.astype(np.float32))
-    return out
+    if not row_vectors:
+        if out is None:
+            return np.zeros((v.size, u.size), dtype=np.float32)
+        out.fill(0.0)
+        return out
+    degrees = sorted(row_vectors)
+    columns = np.ascontiguousarray(fv[degrees].T, dtype=np.float32)  # (H, n_j)
+    rows = np.array([row_vectors[j] for j in degrees], dtype=np.float32)  # (n_j, W)
+    return serial_matmul(columns, rows, out=out)
 
 
 def _normalised_axes(height: int, width: int, x0: int, y0: int,

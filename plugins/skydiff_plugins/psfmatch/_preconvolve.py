@@ -42,7 +42,7 @@ from astropy.table import Table
 
 import skydiff
 
-from ._al import PsfMatchConfig, PsfMatchSubtraction
+from ._al import PsfMatchConfig, PsfMatchSubtraction, _RawDifference
 from ._common import frozen, mask_hygiene, merge_masks
 
 __all__ = ["AlPreconvolveConfig", "AlPreconvolveSubtraction", "prefilter_kernel"]
@@ -172,13 +172,12 @@ class AlPreconvolveSubtraction(PsfMatchSubtraction):
                                         preserve_template_planes=config.preserve_template_planes)
             matched = skydiff.convolve(template_c, kernel, preserve_planes=())
             mask, planes = merge_masks(filtered_c, matched.mask, matched.mask_planes)
-            raw = filtered_c.evolve(image=frozen(filtered_c.image - matched.image),
-                                    variance=frozen(filtered_c.variance + matched.variance),
-                                    mask=frozen(mask), mask_planes=planes)
-            background, bg_coefficients = self._difference_background(
-                fit, raw, None, science_p, template_p)
-            score0 = (raw.evolve(image=frozen(raw.image - background))
-                      if config.subtract_background else raw)
+            score0, background, bg_coefficients = self._difference(
+                fit, _RawDifference(image=np.subtract(filtered_c.image, matched.image),
+                                    variance=np.add(filtered_c.variance, matched.variance),
+                                    mask=mask, planes=planes, like=filtered_c,
+                                    matched=matched),
+                science=science_p, template=template_p)
         metadata: dict[str, Any] = {
             "mode": "preconvolve",
             "template_coverage": prepared.coverage,

@@ -53,6 +53,7 @@ import scipy.ndimage
 from numpy.typing import ArrayLike, NDArray
 
 from ._basis import pca_basis
+from ._common import serial_matmul
 from ._stats import clipped_stats
 
 __all__ = [
@@ -97,8 +98,10 @@ REJECTION_REASONS = (
 )
 
 _EPS = float(np.finfo(np.float64).eps)
-#: Memory budget (bytes) for one chunk of convolved basis images.
-_CHUNK_BYTES = 128 * 1024 * 1024
+#: Memory budget (bytes) for one chunk of convolved basis images. Small enough that the
+#: chunk's temporaries are recycled by the allocator (and stay in cache) instead of being
+#: mapped afresh, which costs more than the transforms on a virtual machine.
+_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,15 +143,25 @@ def _readonly(arr: NDArray[Any]) -> NDArray[Any]:
     return arr
 
 
+def _adopted(value: ArrayLike, dtype: type) -> NDArray[Any] | None:
+    """``value`` itself if it is a read-only, owned, C-contiguous array of ``dtype``."""
+    if (isinstance(value, np.ndarray) and value.dtype == dtype and not value.flags.writeable
+            and value.flags.owndata and value.flags.c_contiguous):
+        return value
+    return None
+
+
 def _stack32(value: ArrayLike) -> NDArray[np.float32]:
-    arr = np.array(value, dtype=np.float32)
+    adopted = _adopted(value, np.float32)
+    arr = adopted if adopted is not None else np.array(value, dtype=np.float32)
     if arr.ndim == 2:
         arr = arr[None]
     return _readonly(arr)
 
 
 def _stack_bool(value: ArrayLike) -> NDArray[np.bool_]:
-    arr = np.array(value, dtype=bool)
+    adopted = _adopted(value, np.bool_)
+    arr = adopted if adopted is not None else np.array(value, dtype=bool)
     if arr.ndim == 2:
         arr = arr[None]
     return _readonly(arr)
@@ -212,7 +225,8 @@ def kernel_images(basis: ArrayLike, coefficients: ArrayLike) -> NDArray[np.float
     """
     b = np.asarray(basis, dtype=np.float64)
     a = np.asarray(coefficients, dtype=np.float64)
-    return np.tensordot(a, b, axes=([-1], [0]))
+    flat = serial_matmul(a.reshape(-1, b.shape[0]), b.reshape(b.shape[0], -1))
+    return flat.reshape(*a.shape[:-1], *b.shape[1:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,7 +239,9 @@ class StampSet:
     r"""Matched template and science cut-outs around kernel candidates.
 
     All image arrays have shape ``(n_stamps, S_r, S_c)`` and are stored as read-only float32
-    (booleans for masks); the solvers promote them to float64.
+    (booleans for masks); the solvers promote them to float64. Arrays that are already
+    read-only, own their memory, are C-contiguous and have the stored dtype are kept as they
+    are; any other input is copied.
 
     Parameters
     ----------
@@ -302,18 +318,18 @@ class StampSet:
             if getattr(self, name).shape != (shape[0],):
                 msg = f"{name} has shape {getattr(self, name).shape}, expected ({shape[0]},)"
                 raise ValueError(msg)
-        good_t = ~self.template_mask
-        if not np.all(np.isfinite(self.template[good_t])):
+        # Whole-stack tests (no copies of the selected pixels).
+        if not np.all(np.isfinite(self.template) | self.template_mask):
             msg = "template has non-finite values outside template_mask; mask them"
             raise ValueError(msg)
-        good = ~self.mask & good_t
-        vi = self.science_variance[good].astype(np.float64)
-        vt = self.template_variance[good].astype(np.float64)
-        if not (np.all(np.isfinite(self.science[~self.mask])) and np.all(np.isfinite(vi))
-                and np.all(np.isfinite(vt))):
+        bad = self.mask | self.template_mask
+        vi, vt = self.science_variance, self.template_variance
+        if not (np.all(np.isfinite(self.science) | self.mask)
+                and np.all((np.isfinite(vi) & np.isfinite(vt)) | bad)):
             msg = "science or variance has non-finite values outside the masks; mask them"
             raise ValueError(msg)
-        if np.any(vi < 0) or np.any(vt < 0) or np.any(vi + vt <= 0):
+        # with both >= 0, V_I + V_T <= 0 exactly when both are 0
+        if np.any((((vi < 0) | (vt < 0)) | ((vi == 0) & (vt == 0))) & ~bad):
             msg = "variances must be >= 0 with a positive sum on unmasked pixels"
             raise ValueError(msg)
 
@@ -356,6 +372,8 @@ class StampSet:
         mask: ArrayLike | None = None,
         template_mask: ArrayLike | None = None,
         origin: tuple[int, int] = (0, 0),
+        mask_bits: int | None = None,
+        template_mask_bits: int | None = None,
     ) -> StampSet:
         """Cut square stamps out of full images.
 
@@ -369,9 +387,13 @@ class StampSet:
         size : int
             Odd stamp side (ip_diffim uses ``2 K + 1``).
         mask, template_mask : array_like of bool, shape (H, W), optional
-            Bad pixels (see the class documentation).
+            Bad pixels (see the class documentation); or integer bit masks together with
+            ``mask_bits`` / ``template_mask_bits``.
         origin : tuple of int, optional
             Parent coordinates ``(x0, y0)`` of pixel ``[0, 0]``.
+        mask_bits, template_mask_bits : int, optional
+            With an integer ``mask`` (``template_mask``): a pixel is bad when any of these
+            bits is set. Only the stamps are tested, never the whole image.
 
         Returns
         -------
@@ -400,23 +422,29 @@ class StampSet:
         offsets = np.arange(-half, half + 1)
         rr = rows[:, None, None] + offsets[None, :, None]
         cc = cols[:, None, None] + offsets[None, None, :]
+        flat = rr * shape[1] + cc  # one index array for every (C-contiguous) plane
 
-        def cut(image: ArrayLike | None, dtype: type) -> NDArray[Any]:
+        def cut(image: ArrayLike | None, dtype: type, bits: int | None = None) -> NDArray[Any]:
             if image is None:
                 return np.zeros((rows.size, size, size), dtype=dtype)
             arr = np.asarray(image)
             if arr.shape != shape:
                 msg = f"image of shape {arr.shape} does not match the template shape {shape}"
                 raise ValueError(msg)
-            return arr[rr, cc].astype(dtype)
+            stamps = (np.take(arr.reshape(-1), flat) if arr.flags.c_contiguous
+                      else arr[rr, cc])
+            if bits is not None:
+                stamps = (stamps & np.asarray(bits, dtype=arr.dtype)) != 0
+            # fresh and frozen: the StampSet adopts it without another copy
+            return _readonly(np.ascontiguousarray(stamps.astype(dtype, copy=False)))
 
         return cls(
             template=cut(img_t, np.float32),
             science=cut(science, np.float32),
             science_variance=cut(science_variance, np.float32),
             template_variance=cut(template_variance, np.float32),
-            mask=cut(mask, bool),
-            template_mask=cut(template_mask, bool),
+            mask=cut(mask, bool, mask_bits),
+            template_mask=cut(template_mask, bool, template_mask_bits),
             x=cols + origin[0],
             y=rows + origin[1],
         )
@@ -613,8 +641,17 @@ class _StampDesign:
         return scipy.fft.rfft2(kernels, s=self.fft_shape, workers=-1)
 
     def _valid(self, hat: NDArray[np.complex128]) -> NDArray[np.float64]:
-        out = scipy.fft.irfft2(hat, s=self.fft_shape, workers=-1)
-        return out[(Ellipsis, *self._circ[1:])]
+        """The valid box of the inverse transform of ``hat`` (pruned: only its rows).
+
+        ``irfft2`` is an inverse FFT along the rows axis followed by a real one along the
+        columns; only the valid rows go through the second step. ``hat`` is overwritten
+        (every caller passes a temporary product).
+        """
+        rows, cols = self._circ[1:]
+        half = scipy.fft.ifft(hat, n=self.fft_shape[0], axis=-2, workers=-1,
+                              overwrite_x=True)[..., rows, :]
+        out = scipy.fft.irfft(half, n=self.fft_shape[1], axis=-1, workers=-1)
+        return out[..., cols]
 
     def weights(self, weighting: Weighting) -> NDArray[np.float64]:
         """Per-pixel weights ``(n, P)``; zero on bad pixels."""
@@ -626,8 +663,12 @@ class _StampDesign:
         med = np.ones(self.n)
         has = self.n_good > 0
         if has.any():
-            masked = np.where(self.good[has], self.variance[has], np.nan)
-            med[has] = np.nanmedian(masked, axis=1)
+            # median of the good pixels of each stamp: the others sorted to the end
+            ordered = np.sort(np.where(self.good[has], self.variance[has], np.inf), axis=1)
+            count = self.n_good[has][:, None]
+            lo = np.take_along_axis(ordered, (count - 1) // 2, axis=1)[:, 0]
+            hi = np.take_along_axis(ordered, count // 2, axis=1)[:, 0]
+            med[has] = 0.5 * (lo + hi)
         return np.where(self.good, 1.0 / med[:, None], 0.0)
 
     def normal_equations(
@@ -657,10 +698,11 @@ class _StampDesign:
         for start in range(0, self.n, chunk):
             sl = slice(start, min(start + chunk, self.n))
             conv = self._valid(self._design_hat[sl, None] * basis_hat[None])
-            design = conv.reshape(conv.shape[0], m_k, n_pix).astype(np.float64, copy=False)
+            n_sl = conv.shape[0]
+            design = np.empty((n_sl, m, n_pix))  # the basis columns, then the background
+            np.copyto(design[:, :m_k].reshape(n_sl, m_k, *self.valid_shape), conv)
             if fit_background:
-                ones = np.ones((design.shape[0], 1, n_pix))
-                design = np.concatenate([design, ones], axis=1)
+                design[:, m_k] = 1.0
             weighted = design * weights[sl, None, :]
             matrix[sl] = weighted @ design.transpose(0, 2, 1)
             vector[sl] = np.einsum("nmp,np->nm", weighted, self.science[sl])
@@ -748,6 +790,38 @@ def _eigh(matrices: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[n
     return values, vectors
 
 
+#: Matrices larger than this get their extreme eigenvalues from :func:`_extreme_eigenvalues`'s
+#: Cholesky + SVD path: LAPACK's symmetric eigensolvers wake OpenBLAS's thread pool from about
+#: 65 rows on (the SVD only from about 100), which then spins for ~0.1 s.
+_SERIAL_EIGVALSH = 64
+
+
+def _extreme_eigenvalues(matrices: NDArray[np.float64]
+                         ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Smallest and largest eigenvalue of each symmetric matrix of a stack.
+
+    Small matrices use :func:`numpy.linalg.eigvalsh`. A larger positive-definite one (its
+    Cholesky factorisation succeeds) uses its singular values, which equal its eigenvalues;
+    the others (not positive definite) fall back to ``eigvalsh``.
+    """
+    if matrices.shape[-1] <= _SERIAL_EIGVALSH:
+        ev = np.linalg.eigvalsh(matrices)
+        return ev[..., 0], ev[..., -1]
+    lo = np.empty(matrices.shape[:-2])
+    hi = np.empty(matrices.shape[:-2])
+    for index in np.ndindex(*matrices.shape[:-2]):
+        matrix = matrices[index]
+        try:
+            np.linalg.cholesky(matrix)
+        except np.linalg.LinAlgError:
+            ev = np.linalg.eigvalsh(matrix)
+            lo[index], hi[index] = ev[0], ev[-1]
+            continue
+        sv = np.linalg.svd(matrix, compute_uv=False)
+        lo[index], hi[index] = sv[-1], sv[0]
+    return lo, hi
+
+
 def _equilibration(matrices: NDArray[np.float64]) -> NDArray[np.float64]:
     diag = np.diagonal(matrices, axis1=-2, axis2=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -783,8 +857,7 @@ def condition_numbers(matrices: ArrayLike, *, equilibrate: bool = True) -> NDArr
     if equilibrate:
         s = _equilibration(sub)
         sub = sub * s[..., :, None] * s[..., None, :]
-    ev = np.linalg.eigvalsh(sub)
-    lo, hi = ev[..., 0], ev[..., -1]
+    lo, hi = _extreme_eigenvalues(sub)
     with np.errstate(divide="ignore", invalid="ignore"):
         out[finite] = np.where(lo > 0, hi / np.where(lo > 0, lo, 1.0), np.inf)
     return out
@@ -808,8 +881,7 @@ def _solve_symmetric(
     s = _equilibration(a) if equilibrate else np.ones(b.shape)
     a_s = a * s[:, :, None] * s[:, None, :]
     b_s = b * s
-    ev = np.linalg.eigvalsh(a_s)
-    lo, hi = ev[:, 0], ev[:, -1]
+    lo, hi = _extreme_eigenvalues(a_s)
     rcond = m * _EPS
     well = (hi > 0) & (lo > rcond * hi)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -1679,7 +1751,7 @@ def solve_spatial(
     n_kt = p.shape[1]
     # kernel-kernel block: sum_c M[c,j,k] p[c,t] p[c,s] -> (j, t, k, s)
     pp = (p[:, :, None] * p[:, None, :]).reshape(n, n_kt * n_kt)
-    kk = (m_arr[:, :m_k, :m_k].reshape(n, m_k * m_k).T @ pp)
+    kk = serial_matmul(m_arr[:, :m_k, :m_k].reshape(n, m_k * m_k).T, pp)
     kk = kk.reshape(m_k, m_k, n_kt, n_kt).transpose(0, 2, 1, 3).reshape(m_k * n_kt, m_k * n_kt)
     rhs_k = (b_arr[:, :m_k].T @ p).reshape(m_k * n_kt)
     if fit_background:

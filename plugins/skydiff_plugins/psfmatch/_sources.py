@@ -23,10 +23,25 @@ all candidates:
     transients and fast movers are no kernel sources;
 ``cell_full`` / ``max_sources``
     the survivors are sorted brightest first (by science flux) and at most ``n_per_cell`` are
-    kept per ``cell_size`` square cell and ``max_sources`` in all, so that the spatial model
-    is constrained everywhere and not only where stars crowd. When the cells keep fewer than
-    twice the required number (small images have few cells), the brightest of the others
-    are added back up to that number: the cells thin out crowds, they never starve a fit.
+    kept per square cell and ``max_sources`` in all, so that the spatial model is constrained
+    everywhere and not only where stars crowd. When the cells keep fewer than twice the
+    required number (small images have few cells), the brightest of the others are added
+    back up to that number: the cells thin out crowds, they never starve a fit.
+
+The cells are ``cell_size`` pixels wide, or wider on large images (:func:`cell_side`): a
+spatial model of kernel order 1 and background order 2 has about 85 parameters, and each
+stamp of :math:`(2K+1)^2` pixels constrains all of them, so a few hundred well-spread stars
+determine it; with cells of 128 pixels a 2048 × 4096 frame (512 cells) would offer up to
+2560, and the kernel fit costs time in proportion. ``target_sources`` (250 by default) sets
+the cell side to :math:`\sqrt{H W\,n_\mathrm{cell}/N_\mathrm{target}}`, i.e. about
+:math:`N_\mathrm{target}/n_\mathrm{cell}` cells of ``n_per_cell`` sources each.
+
+When the stars are found here (no ``sources`` table), :func:`~skydiff.sources.find_stars`
+looks only where a stamp fits (its ``border``: the stamp half-size plus ``margin``) and, on
+images whose cells offer at least half of ``target_sources`` (and twice the required
+number: the top-up above may need the other stars), measures only ``2 n_per_cell``
+detections per cell (``max_per_cell``: the most significant isolated, unflagged ones)
+instead of every star of the frame; the table of candidates holds those.
 
 Upstream (``lsst.ip.diffim`` ``_sourceSelector``) keeps S/N in [10, 500]; here the upper limit
 defaults to none: bright unsaturated stars carry most of the information about the kernel
@@ -62,6 +77,12 @@ __all__ = [
 DEFAULT_BAD_PLANES: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE", "CR", "HIGH_VARIANCE",
                                        "SUSPECT", "INTRP", "SAT_TEMPLATE")
 
+#: Detections measured per cell when the stars are found here: ``n_per_cell`` times
+#: _PRESELECT_FACTOR plus _PRESELECT_EXTRA, room for the stamp-mask, S/N and template
+#: rejections (about one candidate in eight on the benchmark field).
+_PRESELECT_FACTOR = 2
+_PRESELECT_EXTRA = 0
+
 #: Rejection reasons of the selection step, in the order they are tested.
 SELECTION_REASONS: tuple[str, ...] = ("not_finite", "edge", "masked_science", "masked_template",
                                       "not_isolated", "low_snr", "high_snr", "template_faint",
@@ -95,9 +116,17 @@ class KernelSourcesConfig(skydiff.Config):
         doc="Mask planes that disqualify a stamp when set on any of its pixels in either image "
             "(planes absent from an exposure are ignored).")
     cell_size: int = skydiff.RangeField(
-        128, min=8, doc="Side in pixels of the square cells that cap the sources per area.")
+        128, min=8, doc="Side in pixels of the square cells that cap the sources per area "
+                        "(the smallest side: see target_sources).")
     n_per_cell: int = skydiff.RangeField(
         5, min=1, doc="Most sources kept per cell, brightest first (nStarPerCell).")
+    target_sources: int = skydiff.RangeField(
+        250, min=0,
+        doc="About how many sources the cells should offer: on images with more than "
+            "target_sources / n_per_cell cells of cell_size, the cells grow to a side of "
+            "sqrt(area * n_per_cell / target_sources) pixels so that the sources stay spread "
+            "over the whole image without thousands of stamps (the spatial model has ~100 "
+            "parameters). 0: cells of cell_size whatever the image size.")
     max_sources: int = skydiff.RangeField(
         1000, min=1, doc="Most sources kept in all (maxKernelSources).")
     min_sources: int | None = skydiff.RangeField(
@@ -163,6 +192,44 @@ def _box_any(flags: np.ndarray, rows: np.ndarray, cols: np.ndarray, half: int) -
     return grown[rows, cols] != 0
 
 
+def _stamps_flagged(mask: np.ndarray, bits: int, rows: np.ndarray, cols: np.ndarray,
+                    half: int) -> np.ndarray:
+    """Whether any of ``bits`` is set in the ``(2 half + 1)²`` box around each (row, col).
+
+    Few boxes are read directly (the centres must lie at least ``half`` from the edges); many
+    go through a full-image flag plane and :func:`_box_any`.
+    """
+    side = 2 * half + 1
+    if rows.size * side * side > mask.size // 2:
+        return _box_any((mask & np.uint32(bits)) != 0, rows, cols, half)
+    offsets = np.arange(-half, half + 1)
+    box = (offsets[:, None] * mask.shape[1] + offsets[None, :]).reshape(-1)
+    flat = np.ascontiguousarray(mask).reshape(-1)
+    centres = rows * mask.shape[1] + cols
+    hit = np.zeros(rows.size, dtype=bool)
+    chunk = max(1, (1 << 20) // (side * side))
+    for start in range(0, rows.size, chunk):
+        boxes = np.take(flat, centres[start:start + chunk, None] + box[None, :])
+        hit[start:start + chunk] = (np.bitwise_or.reduce(boxes, axis=1) & np.uint32(bits)) != 0
+    return hit
+
+
+def cell_side(shape: tuple[int, int], config: KernelSourcesConfig) -> int:
+    r"""Side in pixels of the square cells that cap the kernel sources per area.
+
+    ``config.cell_size``, or :math:`\lceil\sqrt{H W\,n_\mathrm{cell} /
+    N_\mathrm{target}}\rceil` if that is larger (``n_per_cell``, ``target_sources``; not
+    when ``target_sources`` is 0), so that the cells offer about ``target_sources`` sources
+    however large the image.
+    """
+    side = int(config.cell_size)
+    if config.target_sources > 0:
+        height, width = shape
+        wanted = math.sqrt(height * width * config.n_per_cell / config.target_sources)
+        side = max(side, math.ceil(wanted))
+    return side
+
+
 def _column(table: Table, name: str, default: float | bool, n: int) -> np.ndarray:
     if name in table.colnames:
         return np.asarray(table[name])
@@ -219,8 +286,10 @@ def aperture_snr(exposure: skydiff.Exposure, rows: np.ndarray, cols: np.ndarray,
 
 
 def _candidates(science: skydiff.Exposure, sources: Table | None, config: KernelSourcesConfig,
-                fwhm: float | None) -> Table:
-    """Candidate positions with flux, S/N and isolation (given or found)."""
+                fwhm: float | None, *, border: int = 0, max_per_cell: int | None = None,
+                cell_size: int = 128) -> Table:
+    """Candidate positions with flux, S/N and isolation (given, or found at least ``border``
+    pixels from the edges and at most ``max_per_cell`` per cell)."""
     if sources is not None:
         if not isinstance(sources, Table):
             msg = f"sources must be an astropy Table with columns x and y, got {type(sources)}"
@@ -248,7 +317,9 @@ def _candidates(science: skydiff.Exposure, sources: Table | None, config: Kernel
     from skydiff.sources import find_stars
 
     kwargs: dict[str, Any] = {"threshold": config.detection_threshold, "fwhm": fwhm,
-                              "bad_planes": tuple(config.bad_planes)}
+                              "bad_planes": tuple(config.bad_planes), "border": int(border)}
+    if max_per_cell is not None:
+        kwargs.update(max_per_cell=int(max_per_cell), cell_size=int(cell_size))
     if config.isolation_radius is not None:
         kwargs["isolation_radius"] = config.isolation_radius
     found = find_stars(science, **kwargs)
@@ -306,7 +377,8 @@ def select_kernel_sources(
     Returns
     -------
     KernelSourceSelection
-        All candidates with their status; the selected rows brightest first.
+        All candidates with their status (found stars: those measured, see the module notes);
+        the selected rows brightest first.
 
     Raises
     ------
@@ -317,15 +389,24 @@ def select_kernel_sources(
         If a given source table lacks ``x`` or ``y``.
     """
     needed = int(config.min_sources if config.min_sources is not None else min_sources)
-    candidates = _candidates(science, sources, config, fwhm)
+    height, width = science.shape
+    half = int(kernel_size)  # stamp half-size: the stamp is 2K + 1 pixels
+    reach = half + int(margin)
+    cell = cell_side((height, width), config)
+    n_cells = math.ceil(height / cell) * math.ceil(width / cell)
+    # Measure only the best few detections per cell on images whose cells offer many
+    # sources, unless the top-up may need the others.
+    offered = n_cells * config.n_per_cell
+    thin = offered >= 2 * needed and 2 * offered >= config.target_sources
+    candidates = _candidates(
+        science, sources, config, fwhm, border=max(reach, 0),
+        max_per_cell=_PRESELECT_FACTOR * config.n_per_cell + _PRESELECT_EXTRA if thin else None,
+        cell_size=cell)
     n = len(candidates)
     x = np.asarray(candidates["x"], dtype=np.float64)
     y = np.asarray(candidates["y"], dtype=np.float64)
     flux = np.asarray(candidates["flux"], dtype=np.float64)
     snr = np.asarray(candidates["snr"], dtype=np.float64)
-    height, width = science.shape
-    half = int(kernel_size)  # stamp half-size: the stamp is 2K + 1 pixels
-    reach = half + int(margin)
     reasons = np.full(n, "", dtype="<U16")
 
     def reject(where: np.ndarray, reason: str) -> None:
@@ -343,9 +424,9 @@ def select_kernel_sources(
     for exposure, reason in ((check, "masked_science"), (template, "masked_template")):
         bits = _plane_value(exposure, config.bad_planes)
         hit = np.zeros(n, dtype=bool)
+        live = reasons == ""
         if bits and live.any():
-            flags = (exposure.mask & np.uint32(bits)) != 0
-            hit[live] = _box_any(flags, rows[live], cols[live], half)
+            hit[live] = _stamps_flagged(exposure.mask, bits, rows[live], cols[live], half)
         reject(hit, reason)
     if config.require_isolated:
         reject(~np.asarray(candidates["isolated"], dtype=bool), "not_isolated")
@@ -361,7 +442,6 @@ def select_kernel_sources(
 
     order = np.argsort(-np.where(np.isfinite(flux), flux, -np.inf), kind="stable")
     ok = order[reasons[order] == ""]
-    cell = config.cell_size
     cell_id = (rows[ok] // cell) * (width // cell + 1) + cols[ok] // cell
     # rank of each source within its cell, brightest first (ok is sorted by flux)
     sort_cells = np.argsort(cell_id, kind="stable")

@@ -23,6 +23,7 @@ from skydiff_plugins.psfmatch._solve import (
     NoKernelCandidatesError,
     Regularization,
     StampSet,
+    _solve_symmetric,
     assess_stamps,
     build_normal_equations,
     clip_kernel_sums,
@@ -502,6 +503,24 @@ def test_condition_numbers_equilibration():
     assert condition_numbers(np.zeros((1, 3, 3)))[0] == np.inf
 
 
+def test_condition_numbers_of_large_systems_match_the_eigenvalue_ratio():
+    """Above 64 parameters the extreme eigenvalues of a positive-definite matrix come from its
+    singular values (no multi-threaded LAPACK eigensolver); the others from eigvalsh."""
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(400, 85))
+    pd = a.T @ a
+    semi = pd.copy()
+    semi[:, -1] = semi[-1, :] = 0.0  # singular
+    indefinite = pd - 2.0 * np.eye(85) * np.linalg.eigvalsh(pd)[0]
+    got = condition_numbers(np.stack([pd, semi, indefinite]), equilibrate=False)
+    ev = np.linalg.eigvalsh(pd)
+    assert got[0] == pytest.approx(ev[-1] / ev[0], rel=1e-9)
+    assert got[1] == np.inf and got[2] == np.inf
+    x, cond = _solve_symmetric(pd[None], (pd @ np.arange(85.0))[None])
+    np.testing.assert_allclose(x[0], np.arange(85.0), rtol=1e-8, atol=1e-8)
+    assert cond[0] == pytest.approx(condition_numbers(pd[None])[0], rel=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # Regularisation and the risk estimators
 # ---------------------------------------------------------------------------------------------
@@ -700,6 +719,24 @@ def test_stampset_from_images():
     with pytest.raises(ValueError, match="beyond"):
         StampSet.from_images(image, image, science_variance=var, template_variance=var,
                              x=[2.0], y=[20.0], size=7)
+
+
+def test_stampset_from_images_with_bit_masks():
+    """Integer masks with ``mask_bits`` give the stamps of the boolean masks they stand for."""
+    rng = np.random.default_rng(5)
+    image = rng.normal(size=(40, 50)).astype(np.float32)
+    var = np.ones((40, 50), np.float32)
+    bits = rng.integers(0, 16, size=(40, 50)).astype(np.uint32)
+    kwargs = {"science_variance": var, "template_variance": var, "x": [10.0, 30.0],
+              "y": [12.0, 25.0], "size": 9}
+    as_bits = StampSet.from_images(image, image, mask=bits, mask_bits=0b0101,
+                                   template_mask=bits, template_mask_bits=0b1000, **kwargs)
+    as_bool = StampSet.from_images(image, image, mask=(bits & 0b0101) != 0,
+                                   template_mask=(bits & 0b1000) != 0, **kwargs)
+    np.testing.assert_array_equal(as_bits.mask, as_bool.mask)
+    np.testing.assert_array_equal(as_bits.template_mask, as_bool.template_mask)
+    assert as_bits.mask.any() and not as_bits.mask.all()
+    assert not as_bits.template.flags.writeable
 
 
 def test_template_mask_is_dilated_by_the_kernel():

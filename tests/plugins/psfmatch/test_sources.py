@@ -14,7 +14,8 @@ from astropy.table import Table
 
 import skydiff
 from skydiff.sim import make_test_image, simulate_pair
-from skydiff_plugins.psfmatch import KernelSourcesConfig, select_kernel_sources
+from skydiff_plugins.psfmatch import KernelSourcesConfig, _sources, select_kernel_sources
+from skydiff_plugins.psfmatch._sources import cell_side
 
 K = 21
 
@@ -133,3 +134,37 @@ def test_given_table_needs_x_and_y(images):
     science, template, _ = images
     with pytest.raises(skydiff.InputError, match="x and y"):
         select(science, template, Table({"ra": [1.0]}))
+
+
+def test_cells_grow_to_offer_about_target_sources():
+    config = KernelSourcesConfig(cell_size=128, n_per_cell=5, target_sources=250)
+    assert cell_side((256, 256), config) == 128  # small images keep cell_size
+    side = cell_side((2048, 4096), config)
+    assert side == 410
+    n_cells = -(-2048 // side) * -(-4096 // side)
+    assert 200 <= n_cells * config.n_per_cell <= 300
+    assert cell_side((2048, 4096), KernelSourcesConfig(target_sources=0)) == 128
+
+
+def test_large_images_measure_only_the_best_detections_per_cell(monkeypatch):
+    """With target_sources the cells grow and only 2 n_per_cell detections per cell are measured;
+    the selection is the one the full candidate list gives."""
+    pair = simulate_pair(shape=(512, 768), n_stars=500, seed=8, flux_min=3e3, flux_max=2e5,
+                         science={"fwhm": 3.5}, template={"fwhm": 2.5})
+    settings = {"cell_size": 64, "n_per_cell": 2, "target_sources": 40}
+    config = KernelSourcesConfig(**settings)
+    side = cell_side(pair.science.shape, config)
+    assert side > 64
+    thinned = select(pair.science, pair.template, **settings)
+    monkeypatch.setattr(_sources, "_PRESELECT_FACTOR", 10_000)  # measure every detection
+    full = select(pair.science, pair.template, **settings)
+    assert len(thinned.table) < len(full.table)
+    table = thinned.table[thinned.index]
+    cells = (np.rint(table["y"]).astype(int) // side) * 100 + np.rint(table["x"]).astype(int) \
+        // side
+    assert np.bincount(np.unique(cells, return_inverse=True)[1]).max() <= 2
+    assert thinned.n_selected >= 0.9 * full.n_selected
+    chosen = {(round(float(x), 2), round(float(y), 2)) for x, y in table.iterrows("x", "y")}
+    reference = {(round(float(x), 2), round(float(y), 2))
+                 for x, y in full.table[full.index].iterrows("x", "y")}
+    assert len(chosen & reference) >= 0.8 * len(reference)
