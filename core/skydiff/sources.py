@@ -50,6 +50,7 @@ References
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -279,7 +280,10 @@ def _prepare(exposure: Exposure, *, background: Background, bin_size: int,
         # The second mesh reads only every other pixel: flag the sources there only.
         sampled = bin_size % 2 == 0
         grid = (slice(None, None, 2), slice(None, None, 2)) if sampled else (slice(None),) * 2
-        sources = _source_pixels(smoothed[grid], var[grid], fwhm, _SOURCE_MASK_THRESHOLD)
+        sources = np.vstack(_parallel_map(
+            lambda rows: _source_pixels(smoothed[grid][rows], var[grid][rows], fwhm,
+                                        _SOURCE_MASK_THRESHOLD),
+            _row_parts(smoothed[grid].shape[0])))
         sources |= blank[grid]
         if not sources.all():
             sky = _mesh_model(image, mask=sources, bin_size=bin_size, stride=2,
@@ -476,7 +480,8 @@ def _detect(prep: _Prepared, threshold: float, faint: float) -> _Peaks:
         return np.flatnonzero(hit) + r0 * n_cols
 
     candidates = np.concatenate(_parallel_map(above, range(0, n_rows, _ROW_BLOCK)))
-    peaks = _local_maxima(smoothed, candidates)
+    peaks = np.concatenate(_parallel_map(lambda part: _local_maxima(smoothed, part),
+                                         np.array_split(candidates, _cpu_count())))
     rows, cols = np.divmod(peaks, prep.shape[1])
     half = profile.size // 2
     weights = np.outer(profile, profile) ** 2
@@ -629,6 +634,20 @@ def _adaptive_moments(stamps: NDArray[np.float32], sigma0: float) -> _Moments:
     return _Moments(cx, cy, wxx, wyy, wxy, converged)
 
 
+def _concat_moments(parts: list[_Moments]) -> _Moments:
+    """The moments of consecutive groups of stamps, joined."""
+    if len(parts) == 1:
+        return parts[0]
+    return _Moments(*(np.concatenate([getattr(part, field.name) for part in parts])
+                      for field in attrs.fields(_Moments)))
+
+
+def _row_parts(n: int) -> list[slice]:
+    """``[0, n)`` cut into one contiguous slice per CPU (at least one slice)."""
+    bounds = np.linspace(0, n, max(1, min(_cpu_count(), n)) + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
 def _gaussian_stack(dx: NDArray[np.float64], dy: NDArray[np.float64], cxx: NDArray[np.float64],
                     cyy: NDArray[np.float64], cxy: NDArray[np.float64], half: int
                     ) -> NDArray[np.float32]:
@@ -699,7 +718,8 @@ def _measure(prep: _Prepared, rows: NDArray[np.intp], cols: NDArray[np.intp], *,
     sigma0 = fwhm / FWHM_PER_SIGMA
     index = _StampIndex.build(prep.shape, rows, cols, half)
     image_stamps = prep.image_stamps(index)
-    moments = _adaptive_moments(image_stamps, sigma0)
+    moments = _concat_moments(_parallel_map(
+        lambda part: _adaptive_moments(image_stamps[part], sigma0), _row_parts(n)))
     x = cols + moments.dx
     y = rows + moments.dy
     bad, saturated = prep.bad_and_saturated(index)

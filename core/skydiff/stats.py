@@ -677,8 +677,8 @@ def _mesh_model(image: ArrayLike, *, mask: ArrayLike | None, bin_size: int,
             valid &= ~flags.astype(bool, copy=False)
         row_blocks, col_blocks, step = row_segments, col_segments, stride
     flags_or_none = None if bool(valid.all()) else valid
-    # the bin statistics of runs of bin rows, one run per CPU
-    row_runs = _split_segments(row_blocks, _cpu_count())
+    # the bin statistics of runs of bin rows, one run per CPU (large meshes only)
+    row_runs = _split_segments(row_blocks, _cpu_count() if values.size >= 1 << 18 else 1)
     mesh = np.vstack(_parallel_map(
         lambda rs: np.hstack([_block_statistic(values, flags_or_none, rs, cs, statistic, step)
                               for cs in col_blocks]), row_runs))

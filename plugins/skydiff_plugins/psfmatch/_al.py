@@ -78,6 +78,8 @@ from ._common import (
     frozen,
     mask_hygiene,
     merge_masks,
+    parallel_map,
+    parallel_rows,
     psf_axis_fwhms,
     psf_fwhm,
     scale_variances,
@@ -439,7 +441,11 @@ class PsfMatchSubtraction(skydiff.Subtraction):
         """
         background, coefficients = self._difference_background(fit, raw, science, template)
         if self.config.subtract_background:
-            np.subtract(raw.image, background, out=raw.image)
+
+            def subtract(rows: slice) -> None:
+                np.subtract(raw.image[rows], background[rows], out=raw.image[rows])
+
+            parallel_rows(subtract, raw.image.shape[0])
         changes: dict[str, Any] = {} if raw.psf is _SAME_PSF else {"psf": raw.psf}
         difference = raw.like.evolve(image=frozen(raw.image), variance=frozen(raw.variance),
                                      mask=frozen(raw.mask), mask_planes=raw.planes, **changes)
@@ -732,10 +738,13 @@ class AlSubtraction(PsfMatchSubtraction):
         """
         if convolve_template:
             matched = skydiff.convolve(template, kernel, preserve_planes=())
-            mask, planes = merge_masks(science, matched.mask, matched.mask_planes)
-            return _RawDifference(image=np.subtract(science.image, matched.image),
-                                  variance=np.add(science.variance, matched.variance),
-                                  mask=mask, planes=planes, like=science, matched=matched)
+            # three independent planes, computed in parallel threads
+            image, variance, (mask, planes) = parallel_map(lambda plane: plane(), (
+                lambda: np.subtract(science.image, matched.image),
+                lambda: np.add(science.variance, matched.variance),
+                lambda: merge_masks(science, matched.mask, matched.mask_planes)))
+            return _RawDifference(image=image, variance=variance, mask=mask, planes=planes,
+                                  like=science, matched=matched)
         convolved = skydiff.convolve(science, kernel, preserve_planes=())
         inverse = spatial_image(kernel.spatial_images().sum(axis=(1, 2)), order=kernel.order,
                                 bbox=kernel.bbox, kind=kernel.kind, shape=science.shape,

@@ -14,6 +14,8 @@ Everything here returns new objects; the caller's exposures are never modified.
 * :func:`spatial_image` -- a Chebyshev/polynomial model of position evaluated on the pixel
   grid, separably.
 * :func:`serial_matmul` -- a matrix product split so that BLAS never wakes its thread pool.
+* :func:`parallel_map`, :func:`parallel_rows` -- independent NumPy work spread over the CPUs
+  with threads.
 
 Whole-image passes avoid full-size temporaries (row blocks, in-place operations): on a
 2048 × 4096 frame every fresh 32 MB array costs page faults comparable to the arithmetic.
@@ -21,8 +23,12 @@ Whole-image passes avoid full-size temporaries (row blocks, in-place operations)
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
@@ -34,6 +40,8 @@ __all__ = [
     "frozen",
     "mask_hygiene",
     "merge_masks",
+    "parallel_map",
+    "parallel_rows",
     "psf_axis_fwhms",
     "psf_fwhm",
     "scale_variances",
@@ -42,6 +50,9 @@ __all__ = [
     "template_coverage",
     "validate_pair",
 ]
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 #: :math:`2\sqrt{2\ln 2}`.
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -182,7 +193,8 @@ def scale_variances(science: skydiff.Exposure, template: skydiff.Exposure
     r"""Rescale both variance planes to the measured pixel noise (``ScaleVarianceTask``).
 
     The factor :math:`f` of :func:`variance_factor` (squared ratio of the measured to the
-    predicted noise of the background-subtracted image) multiplies each variance plane.
+    predicted noise of the background-subtracted image) multiplies each variance plane. The
+    two exposures are handled in parallel threads.
 
     Returns
     -------
@@ -191,13 +203,15 @@ def scale_variances(science: skydiff.Exposure, template: skydiff.Exposure
     f_science, f_template : float
         The factors.
     """
-    factors = []
-    out = []
-    for exposure in (science, template):
+
+    def scaled(exposure: skydiff.Exposure) -> tuple[skydiff.Exposure, float]:
         factor = variance_factor(exposure)
-        factors.append(factor)
-        out.append(exposure.evolve(variance=frozen(exposure.variance * np.float32(factor))))
-    return out[0], out[1], factors[0], factors[1]
+        return (exposure.evolve(variance=frozen(exposure.variance * np.float32(factor))),
+                factor)
+
+    # the two exposures are independent: one thread each (NumPy releases the GIL)
+    (science, f_science), (template, f_template) = parallel_map(scaled, (science, template))
+    return science, template, f_science, f_template
 
 
 def mask_hygiene(science: skydiff.Exposure, template: skydiff.Exposure, *,
@@ -222,30 +236,39 @@ def mask_hygiene(science: skydiff.Exposure, template: skydiff.Exposure, *,
     science, template : skydiff.Exposure
         The updated exposures (``science`` itself when it has no detection bit set).
     """
-    t_planes = template.mask_planes
-    source = template.mask
-    t_used = int(np.bitwise_or.reduce(source, axis=None))
-    moves = []
-    copies = []
-    for name, target in template_copies:
-        if name in t_planes.names:
-            t_planes = t_planes.with_plane(target)
-            copies.append(target)
-            if t_used >> t_planes.bit(name) & 1:
-                moves.append((t_planes.bit(name), t_planes.bit(target)))
-    keep = [name for name in (*preserve_template_planes, *copies) if name in t_planes.names]
-    keep_bits = t_planes.value(*keep) if keep else 0
-    if t_used & ~keep_bits or moves:
-        t_mask = np.bitwise_and(source, np.uint32(keep_bits))
-        _or_moved_bits(t_mask, source, moves)
-        template = template.evolve(mask=frozen(t_mask), mask_planes=t_planes)
-    elif t_planes != template.mask_planes:
-        template = template.evolve(mask_planes=t_planes)
-    s_bits = _plane_bits(science, clear_science_planes)
-    if s_bits and int(np.bitwise_or.reduce(science.mask, axis=None)) & s_bits:
-        s_mask = np.bitwise_and(science.mask, np.uint32(~s_bits & 0xFFFFFFFF))
-        science = science.evolve(mask=frozen(s_mask))
-    return science, template
+
+    def clean_template() -> skydiff.Exposure:
+        t_planes = template.mask_planes
+        source = template.mask
+        t_used = int(np.bitwise_or.reduce(source, axis=None))
+        moves = []
+        copies = []
+        for name, target in template_copies:
+            if name in t_planes.names:
+                t_planes = t_planes.with_plane(target)
+                copies.append(target)
+                if t_used >> t_planes.bit(name) & 1:
+                    moves.append((t_planes.bit(name), t_planes.bit(target)))
+        keep = [name for name in (*preserve_template_planes, *copies)
+                if name in t_planes.names]
+        keep_bits = t_planes.value(*keep) if keep else 0
+        if t_used & ~keep_bits or moves:
+            t_mask = np.bitwise_and(source, np.uint32(keep_bits))
+            _or_moved_bits(t_mask, source, moves)
+            return template.evolve(mask=frozen(t_mask), mask_planes=t_planes)
+        if t_planes != template.mask_planes:
+            return template.evolve(mask_planes=t_planes)
+        return template
+
+    def clean_science() -> skydiff.Exposure:
+        s_bits = _plane_bits(science, clear_science_planes)
+        if s_bits and int(np.bitwise_or.reduce(science.mask, axis=None)) & s_bits:
+            s_mask = np.bitwise_and(science.mask, np.uint32(~s_bits & 0xFFFFFFFF))
+            return science.evolve(mask=frozen(s_mask))
+        return science
+
+    science_c, template_c = parallel_map(lambda clean: clean(), (clean_science, clean_template))
+    return science_c, template_c
 
 
 #: Rows per block of the whole-image mask passes (small temporaries, no full-size ones).
@@ -255,6 +278,31 @@ _ROW_BLOCK = 128
 #: OpenBLAS's ``SMP_THRESHOLD_MIN`` x ``GEMM_MULTITHREAD_THRESHOLD``.
 SERIAL_GEMM = 1 << 18
 
+#: Outputs of at least this many elements are computed by several threads.
+_PARALLEL_SIZE = 1 << 20
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def parallel_map(function: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
+    """``[function(item) for item in items]`` in threads, one per CPU (at most one per item).
+
+    For NumPy/SciPy work on independent data, which releases the GIL; serial with one CPU or
+    one item. Exceptions propagate as from the loop.
+    """
+    tasks = list(items)
+    n_threads = min(cpu_count(), len(tasks))
+    if n_threads <= 1:
+        return [function(task) for task in tasks]
+    with ThreadPoolExecutor(max_workers=n_threads) as pool:
+        return list(pool.map(function, tasks))
+
 
 def serial_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``a @ b`` (2-D) by row blocks of at most :data:`SERIAL_GEMM` multiply-adds.
@@ -262,14 +310,34 @@ def serial_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -
     OpenBLAS computes such products on the calling thread only; a larger one wakes its thread
     pool, which keeps spinning for ~0.1 s afterwards and on a 2-core machine slows down
     whatever the process does next (the FFT threads in particular) far more than the product
-    gained. The blocks give the same result.
+    gained. The blocks give the same result; for large outputs they are shared out among
+    threads of our own (:func:`parallel_map`), which end with the call.
     """
     rows = max(1, SERIAL_GEMM // max(1, a.shape[1] * b.shape[1]))
     if out is None:
         out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
-    for r0 in range(0, a.shape[0], rows):
-        np.matmul(a[r0:r0 + rows], b, out=out[r0:r0 + rows])
+    result = out
+
+    def run(part: tuple[int, int]) -> None:
+        for r0 in range(part[0], part[1], rows):
+            r1 = min(r0 + rows, part[1])
+            np.matmul(a[r0:r1], b, out=result[r0:r1])
+
+    # large products: the row blocks are shared out among threads, one per CPU
+    n_parts = cpu_count() if result.size >= _PARALLEL_SIZE else 1
+    bounds = np.linspace(0, a.shape[0], n_parts + 1).round().astype(int)
+    parallel_map(run, [(int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds) if hi > lo])
     return out
+
+
+def parallel_rows(function: Callable[[slice], None], n_rows: int) -> None:
+    """``function(rows)`` over the whole of ``n_rows`` rows, split among threads (one per CPU).
+
+    ``function`` must only touch the rows it is given.
+    """
+    bounds = np.linspace(0, n_rows, cpu_count() + 1).round().astype(int)
+    parallel_map(function, [slice(int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)
+                            if hi > lo])
 
 
 def _or_moved_bits(out: np.ndarray, mask: np.ndarray, moves: Sequence[tuple[int, int]]

@@ -53,7 +53,7 @@ import scipy.ndimage
 from numpy.typing import ArrayLike, NDArray
 
 from ._basis import pca_basis
-from ._common import serial_matmul
+from ._common import parallel_map, serial_matmul
 from ._stats import clipped_stats
 
 __all__ = [
@@ -640,7 +640,7 @@ class _StampDesign:
     def _kernel_hat(self, kernels: NDArray[np.float64]) -> NDArray[np.complex128]:
         return scipy.fft.rfft2(kernels, s=self.fft_shape, workers=-1)
 
-    def _valid(self, hat: NDArray[np.complex128]) -> NDArray[np.float64]:
+    def _valid(self, hat: NDArray[np.complex128], workers: int = -1) -> NDArray[np.float64]:
         """The valid box of the inverse transform of ``hat`` (pruned: only its rows).
 
         ``irfft2`` is an inverse FFT along the rows axis followed by a real one along the
@@ -648,9 +648,9 @@ class _StampDesign:
         (every caller passes a temporary product).
         """
         rows, cols = self._circ[1:]
-        half = scipy.fft.ifft(hat, n=self.fft_shape[0], axis=-2, workers=-1,
+        half = scipy.fft.ifft(hat, n=self.fft_shape[0], axis=-2, workers=workers,
                               overwrite_x=True)[..., rows, :]
-        out = scipy.fft.irfft(half, n=self.fft_shape[1], axis=-1, workers=-1)
+        out = scipy.fft.irfft(half, n=self.fft_shape[1], axis=-1, workers=workers)
         return out[..., cols]
 
     def weights(self, weighting: Weighting) -> NDArray[np.float64]:
@@ -695,9 +695,9 @@ class _StampDesign:
         noise = np.empty((self.n, m, m)) if with_noise else None
         per_stamp = 2 * m_k * self.fft_shape[0] * self.fft_shape[1] * 8
         chunk = max(1, _CHUNK_BYTES // per_stamp)
-        for start in range(0, self.n, chunk):
-            sl = slice(start, min(start + chunk, self.n))
-            conv = self._valid(self._design_hat[sl, None] * basis_hat[None])
+
+        def assemble(sl: slice) -> None:  # writes rows ``sl`` of the outputs only
+            conv = self._valid(self._design_hat[sl, None] * basis_hat[None], workers=1)
             n_sl = conv.shape[0]
             design = np.empty((n_sl, m, n_pix))  # the basis columns, then the background
             np.copyto(design[:, :m_k].reshape(n_sl, m_k, *self.valid_shape), conv)
@@ -709,6 +709,10 @@ class _StampDesign:
             if noise is not None:
                 w2v = weights[sl] ** 2 * self.variance[sl]
                 noise[sl] = (design * w2v[:, None, :]) @ design.transpose(0, 2, 1)
+
+        # chunks of stamps in parallel threads (the FFTs and products release the GIL)
+        parallel_map(assemble, [slice(start, min(start + chunk, self.n))
+                                for start in range(0, self.n, chunk)])
         return NormalEquations(
             matrix=matrix,
             vector=vector,
