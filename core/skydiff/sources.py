@@ -959,8 +959,11 @@ def find_stars(exposure: Exposure, *, threshold: float = 5.0, fwhm: float | None
     (``meta["aperture_correction"]``), puts it on the total-flux scale. Its error is
     :math:`\sqrt{\sum g^2 V} / \sum g^2` times the same correction.
 
-    The computation is vectorised: a 2048 × 4096 frame with 5000 stars takes about half a
-    second on two cores.
+    The computation is vectorised, and its whole-frame parts (the matched filter, by strips of
+    rows; the background meshes; the peak search) and the measurements are spread over the
+    CPUs with threads (at most ``OMP_NUM_THREADS`` when that is set; the results do not
+    depend on the number): a 2048 × 4096 frame with 5000 stars takes about 0.3 s on two
+    cores, and with ``max_per_cell`` far less of it goes into measuring.
 
     References
     ----------

@@ -65,11 +65,18 @@ _R = TypeVar("_R")
 
 
 def _cpu_count() -> int:
-    """CPUs this process may run on."""
+    """CPUs this process may run on, at most ``OMP_NUM_THREADS`` when that is set.
+
+    The ``processes`` executor sets ``OMP_NUM_THREADS`` in its workers to share the machine.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        count = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
-        return max(1, os.cpu_count() or 1)
+        count = os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    if limit.isdigit() and int(limit) > 0:
+        count = min(count, int(limit))
+    return max(1, count)
 
 
 def _parallel_map(function: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:

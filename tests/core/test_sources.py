@@ -273,6 +273,19 @@ def test_max_per_cell_measures_the_best_detections_of_every_cell() -> None:
     assert np.median(np.abs(ratio - 1.0)) < 0.01
 
 
+def test_results_do_not_depend_on_the_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The matched filter, the meshes and the measurements run in threads, one per CPU:
+    a single thread (OMP_NUM_THREADS=1) gives the same table."""
+    science = _pair().science
+    parallel = find_stars(science, max_per_cell=4)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    serial = find_stars(science, max_per_cell=4)
+    assert len(serial) == len(parallel)
+    for name in ("x", "y", "flux", "snr", "fwhm"):
+        np.testing.assert_allclose(np.asarray(serial[name]), np.asarray(parallel[name]),
+                                   rtol=1e-5, equal_nan=True, err_msg=name)
+
+
 def test_local_maxima_matches_a_padded_reference() -> None:
     from skydiff.sources import _local_maxima
 

@@ -621,7 +621,10 @@ class AlSubtraction(PsfMatchSubtraction):
     * every mask plane of the convolved image, ``NO_DATA`` and ``BAD`` included, is dilated
       by the kernel footprint (upstream preserves those two): a difference pixel whose kernel
       footprint reaches missing or bad data is flagged rather than left silently wrong;
-    * kernel sources have no upper S/N limit by default (``_sources``);
+    * kernel sources have no upper S/N limit by default (``_sources``), and on large images
+      their cells grow so that about ``kernel_sources.target_sources`` (250) well-spread
+      stars are fitted rather than ``n_per_cell`` per 128-pixel cell (thousands on a
+      2048 × 4096 frame, for a spatial model of about 85 parameters);
     * the variance factors are measured on up to 2¹⁹ pixels sampled in tiles;
     * the stamps are convolved with the basis in single precision (``single_precision_fit``);
     * the difference PSF is the decorrelated one (upstream leaves it stale).

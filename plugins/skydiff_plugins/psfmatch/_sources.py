@@ -65,6 +65,8 @@ from astropy.table import Table
 
 import skydiff
 
+from ._common import parallel_map
+
 __all__ = [
     "DEFAULT_BAD_PLANES",
     "SELECTION_REASONS",
@@ -421,12 +423,18 @@ def select_kernel_sources(
     reject(~inside, "edge")
     live = reasons == ""
     check = mask_exposure if mask_exposure is not None else science
-    for exposure, reason in ((check, "masked_science"), (template, "masked_template")):
+    live = reasons == ""
+
+    def flagged(exposure: skydiff.Exposure) -> np.ndarray:
         bits = _plane_value(exposure, config.bad_planes)
         hit = np.zeros(n, dtype=bool)
-        live = reasons == ""
         if bits and live.any():
             hit[live] = _stamps_flagged(exposure.mask, bits, rows[live], cols[live], half)
+        return hit
+
+    # both images at once (threads); a source masked in both is "masked_science"
+    for hit, reason in zip(parallel_map(flagged, (check, template)),
+                           ("masked_science", "masked_template"), strict=True):
         reject(hit, reason)
     if config.require_isolated:
         reject(~np.asarray(candidates["isolated"], dtype=bool), "not_isolated")
