@@ -58,8 +58,10 @@ __all__ = [
     "use_manager",
 ]
 
-BUILTIN_PLUGINS: tuple[str, ...] = ("skydiff_plugins.executors", "skydiff_plugins.decorrelation",
-                                   "skydiff_plugins.psfmatch", "skydiff_plugins.psf_estimation")
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "skydiff_plugins.executors", "skydiff_plugins.decorrelation", "skydiff_plugins.psfmatch",
+    "skydiff_plugins.psf_estimation", "skydiff_plugins.zogy", "skydiff_plugins.detection",
+    "skydiff_plugins.measurement", "skydiff_plugins.dipoles", "skydiff_plugins.metrics")
 """Module names of the built-in plugins, loaded in this order before any entry point."""
 
 ENTRY_POINT_GROUP = "skydiff.plugins"

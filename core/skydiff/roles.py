@@ -270,15 +270,24 @@ class DetectionResult:
     ----------
     catalog : astropy.table.Table
         One row per footprint: ``id``, ``x``, ``y`` (peak, 0-based column/row), ``peak_value``,
-        ``significance`` and ``is_negative`` at least, sorted by decreasing significance.
+        ``significance`` and ``is_negative`` at least, sorted by decreasing absolute
+        significance.
     footprints : ndarray of shape (H, W), int32
         Label image: 0 for background, ``id`` inside each footprint.
+    background : ndarray of shape (H, W) or None
+        The background the detector fitted to the image and subtracted before thresholding
+        (``None`` when it fitted none); measurements use ``image - background``.
+    cosmic_rays : ndarray of shape (H, W), bool, or None
+        Pixels the detector identified as cosmic rays (to be OR-ed into the ``CR`` plane), or
+        ``None`` when it did not look for them.
     metadata : dict
         Scalars describing the detection.
     """
 
     catalog: Table = attrs.field(eq=False)
     footprints: np.ndarray = attrs.field(eq=attrs.cmp_using(eq=np.array_equal))
+    background: np.ndarray | None = attrs.field(default=None, eq=False)
+    cosmic_rays: np.ndarray | None = attrs.field(default=None, eq=False)
     metadata: dict[str, Any] = attrs.field(factory=dict, converter=_frozen_dict)
 
 
@@ -384,7 +393,21 @@ class DipoleClassifier(Algorithm):
 
 @attrs.frozen
 class MetricInputs:
-    """The outputs of a pipeline run that metrics may use (any may be missing)."""
+    """The outputs of a pipeline run that metrics may use (any may be missing).
+
+    Attributes
+    ----------
+    science, template, difference : Exposure or None
+        The science exposure, the matched template and the (decorrelated) difference.
+    catalog : astropy.table.Table or None
+        The measured difference-image sources, sky sources included (``sky_source`` column).
+    science_sources : astropy.table.Table or None
+        Sources detected on the science image (``x``, ``y``, ``flux``).
+    kernel_sources : astropy.table.Table or None
+        The stars the PSF-matching kernel was fitted on (``x``, ``y``).
+    kernel : FixedKernel or BasisKernel or None
+        The PSF-matching kernel.
+    """
 
     science: Exposure | None = None
     template: Exposure | None = None
@@ -392,6 +415,7 @@ class MetricInputs:
     catalog: Table | None = attrs.field(default=None, eq=False)
     science_sources: Table | None = attrs.field(default=None, eq=False)
     kernel_sources: Table | None = attrs.field(default=None, eq=False)
+    kernel: FixedKernel | BasisKernel | None = None
 
 
 @attrs.frozen
@@ -402,11 +426,15 @@ class MetricResult:
     ----------
     values : dict of str to float
         The metric values.
+    table : astropy.table.Table or None
+        Per-position or per-source values behind the scalars (e.g. the spatially sampled
+        metrics), or ``None``.
     metadata : dict
         Scalars describing the computation.
     """
 
     values: dict[str, float] = attrs.field(converter=_frozen_dict)
+    table: Table | None = attrs.field(default=None, eq=False)
     metadata: dict[str, Any] = attrs.field(factory=dict, converter=_frozen_dict)
 
 
