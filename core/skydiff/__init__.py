@@ -36,6 +36,14 @@ from skydiff.config import (
     configclass,
 )
 from skydiff.convolve import FourierImage, convolve, direct_convolve, fft_convolve
+from skydiff.detect import (
+    CATALOG_COLUMNS,
+    CatalogColumn,
+    DetectAndMeasureConfig,
+    DetectAndMeasureResult,
+    DetectAndMeasureTask,
+    detect_and_measure,
+)
 from skydiff.errors import (
     AlgorithmError,
     BadSubtractionError,
@@ -59,7 +67,7 @@ from skydiff.hookspecs import hookimpl, hookspec
 from skydiff.kernel import BasisKernel, FixedKernel, Kernel, chebyshev_terms, spatial_functions
 from skydiff.mapreduce import Cell, Grid, make_grid, map_reduce
 from skydiff.mask import DEFAULT_PLANES, MaskPlanes
-from skydiff.pipeline import PipelineConfig, subtract
+from skydiff.pipeline import PipelineConfig, PipelineResult, run_pipeline, subtract
 from skydiff.psf import GaussianPsf, ImagePsf, PolynomialPsf, Psf, psf_fwhm_from_image
 from skydiff.registry import ROLES, PluginInfo, Registries, Registry, RoleInfo
 from skydiff.roles import (
@@ -105,6 +113,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 __all__ = [
     "BUILTIN_PLUGINS",
+    "CATALOG_COLUMNS",
     "DEFAULT_BAD_PLANES",
     "DEFAULT_PLANES",
     "ROLES",
@@ -114,6 +123,7 @@ __all__ = [
     "AlgorithmError",
     "BadSubtractionError",
     "BasisKernel",
+    "CatalogColumn",
     "Cell",
     "ChoiceField",
     "ClassificationResult",
@@ -125,6 +135,9 @@ __all__ = [
     "ConfigurableInstance",
     "DecorrelationResult",
     "Decorrelator",
+    "DetectAndMeasureConfig",
+    "DetectAndMeasureResult",
+    "DetectAndMeasureTask",
     "DetectionResult",
     "Detector",
     "DipoleClassifier",
@@ -154,6 +167,7 @@ __all__ = [
     "NoWorkFound",
     "PhotoCalib",
     "PipelineConfig",
+    "PipelineResult",
     "PluginInfo",
     "PluginLoadError",
     "PluginManager",
@@ -183,6 +197,7 @@ __all__ = [
     "clipped_stats",
     "configclass",
     "convolve",
+    "detect_and_measure",
     "direct_convolve",
     "estimate_variance",
     "fft_convolve",
@@ -197,6 +212,7 @@ __all__ = [
     "psf_fwhm_from_image",
     "robust_sigma",
     "robust_std",
+    "run_pipeline",
     "spatial_functions",
     "subtract",
     "use_manager",

@@ -11,14 +11,26 @@ makes it cheaper than ``irfft2(rfft2(image, s) * rfft2(kernel, s))``:
   .. math::
 
       \hat K[u, v] = \sum_{i=0}^{k_r-1} e^{-2\pi i\,u i / P_r}\,
-      \big(\mathcal F_1 K\big)[i, v],
+      \big(\mathcal F_1 K\big)[i, v].
 
-  one ``complex64`` GEMM of inner dimension :math:`k_r` (BLAS ``cgemm``): about a fifth of a
-  full-frame FFT for a 21-row kernel instead of more than a whole one.
+  Rows :math:`u` and :math:`P_r - u` share the cosines and sines of the phase
+  :math:`\theta = 2\pi u i / P_r`: with :math:`Y = \cos(\theta)\,\mathcal F_1 K` and
+  :math:`Z = -i\sin(\theta)\,\mathcal F_1 K`, row :math:`u` is :math:`Y + Z` and row
+  :math:`P_r - u` is :math:`Y - Z`. Only half the rows are computed, as real ``float32`` GEMMs
+  of inner dimension :math:`k_r` on the interleaved real and imaginary parts: half the
+  arithmetic of one ``complex64`` GEMM over all rows, a few milliseconds on a 2048×4096 frame
+  for a 21-row kernel (less than a fifth of a full-frame FFT). The products run by blocks of
+  a few rows, each small enough that OpenBLAS computes it on the calling thread (a larger
+  product wakes its thread pool, whose threads spin for ~0.1 s afterwards and slow down the
+  FFTs that follow on a small machine; complex GEMMs do so from about 2**16 multiply-adds),
+  shared out among threads of the engine. The multiplication by the image spectrum is
+  applied to each block while it is in cache (:meth:`FFTConvolver.kernel_spectrum` with
+  ``times=``).
 * **Inverse in two steps, grouped.** The inverse 2-D transform is an inverse FFT along axis 0
   followed by a real inverse FFT along axis 1. A weight that depends on the row only commutes
   with the second step, so spatial terms sharing a column factor share it
-  (:meth:`FFTConvolver.convolve_terms`).
+  (:meth:`FFTConvolver.convolve_terms`). The weighting and summing passes run by blocks of
+  rows that stay in cache, shared out among threads (NumPy releases the GIL).
 * **Smaller padding.** For a "same"-shape output only :math:`k//2` zero rows/columns are
   needed (not :math:`k - 1`): with the kernel stored at rows :math:`[0, k_r)` of a circular
   array of :math:`P_r \ge H + k_r // 2` rows, the wrapped contributions of the circular
@@ -39,7 +51,8 @@ Nothing here is public API; :mod:`skydiff.convolve` documents the behaviour.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -53,6 +66,17 @@ WORKERS = -1
 #: Kernels with more rows than this get their spectrum from a padded rfft2 instead of the
 #: row-FFT + GEMM factorisation (whose cost grows linearly with the number of rows).
 GEMM_MAX_ROWS = 48
+
+#: Largest number of multiply-adds of one real matrix product: OpenBLAS computes products of
+#: fewer than twice 2**18 (``SMP_THRESHOLD_MIN`` x ``GEMM_MULTITHREAD_THRESHOLD``) on the calling
+#: thread. (Complex products are threaded from much smaller sizes, hence real arithmetic.)
+SERIAL_GEMM = (1 << 19) - 1
+
+#: Elementwise passes over arrays of at least this many elements are split among threads.
+PARALLEL_SIZE = 1 << 19
+
+#: Target bytes of one block of rows of an elementwise pass (stays in the L2 cache).
+_BLOCK_BYTES = 1 << 18
 
 #: ``(row factor, column factor)`` of one spatial term: arrays of shape ``(H, 1)`` and
 #: ``(1, W)`` (float32), or None for a factor that is identically one.
@@ -86,6 +110,24 @@ POCKETFFT: Any = _probe_pocketfft()
 
 def _threads() -> int:
     return max(1, os.cpu_count() or 1)
+
+
+def _split(function: Callable[[int, int], None], n_rows: int, threads: int) -> None:
+    """``function(start, stop)`` over contiguous parts of ``[0, n_rows)``, one per thread.
+
+    The first part runs on the calling thread. For NumPy work that releases the GIL on
+    disjoint rows; exceptions propagate.
+    """
+    parts = max(1, min(threads, n_rows))
+    if parts == 1:
+        function(0, n_rows)
+        return
+    bounds = [n_rows * i // parts for i in range(parts + 1)]
+    with ThreadPoolExecutor(max_workers=parts - 1) as pool:
+        futures = [pool.submit(function, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+        function(bounds[0], bounds[1])
+        for future in futures:
+            future.result()
 
 
 def same_shape_padding(shape: tuple[int, int], kernel_shape: tuple[int, int]
@@ -145,7 +187,7 @@ class FFTConvolver:
         self.spectrum_shape: tuple[int, int] = (p_r, p_c // 2 + 1)
         self._pocketfft: Any = POCKETFFT if reuse_buffers else None
         self._threads = _threads()
-        self._shift: np.ndarray | None = None
+        self._phases: tuple[np.ndarray, np.ndarray] | None = None
         self._real: np.ndarray | None = None
         self._real_dirty = False
         self._spectrum: np.ndarray | None = None
@@ -200,7 +242,15 @@ class FFTConvolver:
         real = self._real_buffer()
         height, width = self.shape
         inner = real[:height, :width]
-        np.copyto(inner, plane, casting="same_kind")
+        source = np.asarray(plane)
+
+        def copy(block: slice) -> None:
+            np.copyto(inner[block], source[block], casting="same_kind")
+
+        if source.shape == inner.shape:
+            self._row_blocks(height, width, copy)
+        else:
+            np.copyto(inner, source, casting="same_kind")
         if zero is not None:
             inner[zero] = 0.0
         if self._pocketfft is None:
@@ -215,8 +265,8 @@ class FFTConvolver:
         self._pocketfft.r2c(real, (0, 1), True, 0, out, self._threads)
         return out
 
-    def kernel_spectrum(self, kernel: np.ndarray, *, out: np.ndarray | None = None
-                        ) -> np.ndarray:
+    def kernel_spectrum(self, kernel: np.ndarray, *, out: np.ndarray | None = None,
+                        times: np.ndarray | None = None) -> np.ndarray:
         """The 2-D ``rfft`` of ``kernel`` stored at the origin of the padded array.
 
         Parameters
@@ -224,7 +274,11 @@ class FFTConvolver:
         kernel : ndarray of shape (a, b)
             ``a <= k_r`` and ``b <= k_c``; cast to ``float32``.
         out : ndarray of complex64, optional
-            Destination of shape :attr:`spectrum_shape`.
+            C-contiguous destination of shape :attr:`spectrum_shape`; may be ``times``.
+        times : ndarray of complex64, optional
+            A spectrum of shape :attr:`spectrum_shape` (e.g. :meth:`forward` of a plane): the
+            result is then the product of the two, each block of the kernel spectrum being
+            multiplied while it is in cache.
 
         Returns
         -------
@@ -232,26 +286,95 @@ class FFTConvolver:
         """
         kernel32 = np.asarray(kernel, dtype=np.float32)
         rows = kernel32.shape[0]
-        if rows > GEMM_MAX_ROWS:
-            spectrum = scipy.fft.rfft2(kernel32, s=self.padded, workers=WORKERS)
-            if out is None:
-                return spectrum
-            np.copyto(out, spectrum)
-            return out
-        row_spectra = scipy.fft.rfft(kernel32, n=self.padded[1], axis=1)
         if out is None:
             out = np.empty(self.spectrum_shape, dtype=np.complex64)
-        np.matmul(self._row_shift(rows), row_spectra, out=out)
+        if rows > GEMM_MAX_ROWS:
+            spectrum = scipy.fft.rfft2(kernel32, s=self.padded, workers=WORKERS)
+            if times is None:
+                np.copyto(out, spectrum)
+            else:
+                np.multiply(spectrum, times, out=out)
+            return out
+        p_r, p_c = self.padded
+        row_spectra = np.ascontiguousarray(scipy.fft.rfft(kernel32, n=p_c, axis=1),
+                                           dtype=np.complex64)
+        # (F1 K) and -i (F1 K) as real (rows, 2 * n_c) matrices of interleaved (re, im) pairs
+        right_y = row_spectra.view(np.float32)
+        right_z = (row_spectra * np.complex64(-1j)).view(np.float32)
+        cos, sin = self._row_phases(rows)
+        width = right_y.shape[1]
+        n_top = p_r // 2 + 1  # rows u = 0 .. P_r // 2; rows P_r - u for u = 1 .. (P_r - 1) // 2
+        last_mirror = (p_r - 1) // 2
+        block = SERIAL_GEMM // max(1, rows * width)
+        cols = width
+        if block < 2:  # very wide planes: blocks of columns too (whole complex values)
+            block = 2
+            cols = max(2, SERIAL_GEMM // (2 * max(1, rows)) // 2 * 2)
+        destination = out
+
+        def store(y: np.ndarray, z: np.ndarray, ufunc: np.ufunc, scratch: np.ndarray,
+                  target: slice, columns: slice) -> None:
+            half_columns = slice(columns.start // 2, columns.stop // 2)
+            if times is None:
+                ufunc(y, z, out=destination[target].view(np.float32)[:, columns])
+                return
+            ufunc(y, z, out=scratch)
+            np.multiply(scratch.view(np.complex64), times[target, half_columns],
+                        out=destination[target, half_columns])
+
+        def run(start: int, stop: int) -> None:
+            y_buf = np.empty((block, cols), dtype=np.float32)
+            z_buf = np.empty_like(y_buf)
+            scratch = np.empty_like(y_buf)
+            for c0 in range(0, width, cols):
+                columns = slice(c0, min(c0 + cols, width))
+                n_cols = columns.stop - c0
+                ry, rz = right_y[:, columns], right_z[:, columns]
+                for u0 in range(start, stop, block):
+                    u1 = min(u0 + block, stop)
+                    y, z = y_buf[:u1 - u0, :n_cols], z_buf[:u1 - u0, :n_cols]
+                    np.matmul(cos[u0:u1], ry, out=y)
+                    np.matmul(sin[u0:u1], rz, out=z)
+                    store(y, z, np.add, scratch[:u1 - u0, :n_cols], slice(u0, u1), columns)
+                    a0, a1 = max(u0, 1), min(u1, last_mirror + 1)
+                    if a1 > a0:  # rows P_r - u, in increasing order
+                        store(y[a0 - u0:a1 - u0][::-1], z[a0 - u0:a1 - u0][::-1], np.subtract,
+                              scratch[:a1 - a0, :n_cols], slice(p_r - a1 + 1, p_r - a0 + 1),
+                              columns)
+
+        parallel = p_r * (width // 2) >= PARALLEL_SIZE
+        _split(run, n_top, self._threads if parallel else 1)
         return out
 
-    def _row_shift(self, rows: int) -> np.ndarray:
-        """``exp(-2πi u i / P_r)`` for ``u < P_r``, ``i < rows`` (complex64, cached)."""
-        if self._shift is None or self._shift.shape[1] < rows:
+    def _row_phases(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """``cos`` and ``sin`` of ``2π u i / P_r`` for ``u <= P_r // 2``, ``i < rows`` (cached).
+
+        ``float32``, C-contiguous, of shape ``(P_r // 2 + 1, rows)``.
+        """
+        if self._phases is None or self._phases[0].shape[1] < rows:
             p_r = self.padded[0]
             n = max(rows, self.kernel_shape[0])
-            phase = (np.arange(p_r, dtype=np.int64)[:, None] * np.arange(n)[None, :]) % p_r
-            self._shift = np.exp((-2j * np.pi / p_r) * phase).astype(np.complex64)
-        return np.ascontiguousarray(self._shift[:, :rows])
+            u = np.arange(p_r // 2 + 1, dtype=np.int64)
+            phase = (u[:, None] * np.arange(n)[None, :]) % p_r
+            theta = (2.0 * np.pi / p_r) * phase
+            self._phases = (np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32))
+        cos, sin = self._phases
+        return np.ascontiguousarray(cos[:, :rows]), np.ascontiguousarray(sin[:, :rows])
+
+    def _row_blocks(self, n_rows: int, row_items: int, function: Callable[[slice], None]
+                    ) -> None:
+        """``function(rows)`` over blocks of rows of ``[0, n_rows)`` that stay in cache.
+
+        Large arrays (``n_rows * row_items`` elements) are split among the engine's threads.
+        """
+        block = max(1, _BLOCK_BYTES // (8 * max(1, row_items)))
+        parallel = n_rows * row_items >= PARALLEL_SIZE
+
+        def run(start: int, stop: int) -> None:
+            for r0 in range(start, stop, block):
+                function(slice(r0, min(r0 + block, stop)))
+
+        _split(run, n_rows, self._threads if parallel else 1)
 
     def _inverse_rows(self, buffer: np.ndarray) -> np.ndarray:
         """Inverse FFT along axis 0, in place (normalised by ``1 / P_r``)."""
@@ -334,31 +457,71 @@ class FFTConvolver:
             accumulator: np.ndarray | None = None
             for t in members:
                 buffer = self._complex()
-                self.kernel_spectrum(kernels[t], out=buffer)
-                np.multiply(buffer, spectrum, out=buffer)
+                self.kernel_spectrum(kernels[t], out=buffer, times=spectrum)
                 half = self._inverse_rows(buffer)
-                row_factor = weights[t][0]
                 rows = half[r0:r0 + height]
-                if row_factor is not None:
-                    np.multiply(rows, row_factor, out=rows)
                 if accumulator is None:
+                    self._scale_rows(rows, weights[t][0])
                     accumulator = half
                 else:
-                    acc_rows = accumulator[r0:r0 + height]
-                    np.add(acc_rows, rows, out=acc_rows)
+                    self._accumulate(accumulator[r0:r0 + height], rows, weights[t][0])
                     self._recycle(half)
             assert accumulator is not None
             full = self._inverse_columns(accumulator)
             self._recycle(accumulator)
             term = self.crop(full, kernel_shape)
-            col_factor = weights[members[0]][1]
-            if col_factor is not None:
-                np.multiply(term, col_factor, out=term)
-            if out is None:
-                out = np.array(term, dtype=np.float32, copy=True, order="C")
-            else:
-                np.add(out, term, out=out)
+            out = self._add_term(out, term, weights[members[0]][1])
             del term, full
         if out is None:
             out = np.zeros(self.shape, dtype=np.float32)
+        return out
+
+    def _scale_rows(self, rows: np.ndarray, factor: np.ndarray | None) -> None:
+        """``rows *= factor`` (a row factor of shape (H, 1); nothing for None)."""
+        if factor is None:
+            return
+
+        def scale(block: slice) -> None:
+            np.multiply(rows[block], factor[block], out=rows[block])
+
+        self._row_blocks(rows.shape[0], rows.shape[1], scale)
+
+    def _accumulate(self, accumulator: np.ndarray, rows: np.ndarray,
+                    factor: np.ndarray | None) -> None:
+        """``accumulator += rows * factor`` (``rows`` is overwritten when there is a factor)."""
+
+        def add(block: slice) -> None:
+            part = rows[block]
+            if factor is not None:
+                np.multiply(part, factor[block], out=part)
+            np.add(accumulator[block], part, out=accumulator[block])
+
+        self._row_blocks(rows.shape[0], rows.shape[1], add)
+
+    def _add_term(self, out: np.ndarray | None, term: np.ndarray, factor: np.ndarray | None
+                  ) -> np.ndarray:
+        """``out + term * factor`` into ``out`` (a new array if None); ``term`` is overwritten.
+
+        ``factor`` is a column factor of shape (1, W), or None for one.
+        """
+        if out is None:
+            result = np.empty(self.shape, dtype=np.float32)
+
+            def first(block: slice) -> None:
+                if factor is None:
+                    np.copyto(result[block], term[block])
+                else:
+                    np.multiply(term[block], factor, out=result[block])
+
+            self._row_blocks(self.shape[0], self.shape[1], first)
+            return result
+        target = out
+
+        def add(block: slice) -> None:
+            part = term[block]
+            if factor is not None:
+                np.multiply(part, factor, out=part)
+            np.add(target[block], part, out=target[block])
+
+        self._row_blocks(self.shape[0], self.shape[1], add)
         return out

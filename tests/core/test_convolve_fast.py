@@ -154,6 +154,28 @@ def test_kernel_spectrum_equals_padded_rfft2(kernel_shape):
     np.testing.assert_allclose(spectrum, expected, atol=2e-5 * np.abs(kernel).sum())
 
 
+@pytest.mark.parametrize(("shape", "kernel_shape", "padded"), [
+    ((70, 90), (21, 21), (81, 100)),  # odd number of padded rows: no self-mirrored row
+    ((1000, 1100), (21, 19), None),  # large enough to be shared out among threads
+    ((30, 5600), (47, 3), None),  # a row wider than one single-threaded GEMM block
+])
+def test_kernel_spectrum_times_a_spectrum(shape, kernel_shape, padded):
+    rng = np.random.default_rng(107)
+    engine = _fft.FFTConvolver(shape, kernel_shape, padded=padded)
+    kernel = rng.normal(size=kernel_shape).astype(np.float32)
+    expected = scipy.fft.rfft2(kernel.astype(np.float64), s=engine.padded)
+    spectrum = engine.kernel_spectrum(kernel)
+    np.testing.assert_allclose(spectrum, expected, atol=2e-5 * np.abs(kernel).sum())
+    image = engine.forward(rng.normal(size=shape).astype(np.float32))
+    product = spectrum * image
+    scale = np.abs(product).max()
+    np.testing.assert_allclose(engine.kernel_spectrum(kernel, times=image), product,
+                               rtol=0, atol=1e-6 * scale)
+    in_place = image.copy()
+    engine.kernel_spectrum(kernel, out=in_place, times=in_place)
+    np.testing.assert_allclose(in_place, product, rtol=0, atol=1e-6 * scale)
+
+
 def test_same_shape_padding_is_minimal_and_alias_free():
     padded = _fft.same_shape_padding((2048, 4096), (21, 21))
     assert padded[0] >= 2048 + 10 and padded[1] >= 4096 + 10

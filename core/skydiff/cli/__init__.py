@@ -1,6 +1,7 @@
 """The ``skydiff`` command line.
 
-Subcommands live in small modules (``_plugins``, ``_config``, ``_sim``); plugins add their own
+Subcommands live in small modules (``_plugins``, ``_config``, ``_sim``, ``_subtract``,
+``_detect``, ``_run``, ``_demo``, ``_bench``); plugins add their own
 through the :func:`~skydiff.hookspecs.skydiff_add_cli_commands` hook. Errors that skydiff
 raises on purpose (:class:`~skydiff.errors.SkydiffError`) print one line and exit with status 1;
 ``--debug`` shows the traceback instead. Usage errors exit with status 2 (argparse's
@@ -39,7 +40,7 @@ def _add_common(parser: argparse.ArgumentParser, *, sub: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every built-in and plugin-provided subcommand."""
-    from skydiff.cli import _bench, _config, _demo, _plugins, _sim, _subtract
+    from skydiff.cli import _bench, _config, _demo, _detect, _plugins, _run, _sim, _subtract
 
     parser = argparse.ArgumentParser(
         prog="skydiff",
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"skydiff {__version__}")
     _add_common(parser, sub=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (_plugins, _config, _sim, _subtract, _demo, _bench):
+    for module in (_plugins, _config, _sim, _subtract, _detect, _run, _demo, _bench):
         module.add_parser(subparsers, _add_common)
     from skydiff._manager import get_manager
 

@@ -12,13 +12,14 @@ if TYPE_CHECKING:
     from skydiff.config import Config
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
+def add_config_options(parser: argparse.ArgumentParser, *,
+                       example: str = "executor.name=processes") -> None:
     """Add ``--config FILE`` and repeatable ``-c KEY=VALUE`` to a subcommand."""
     parser.add_argument("--config", metavar="FILE", type=Path,
                         help="TOML configuration file (data only, never executed)")
     parser.add_argument("-c", dest="overrides", metavar="KEY=VALUE", action="append",
                         default=[], help="override one setting by its dotted key, e.g. "
-                                         "-c executor.name=processes (repeatable)")
+                                         f"-c {example} (repeatable)")
 
 
 def load_config(config_class: type[Config], path: Path | None, overrides: list[str]) -> Config:

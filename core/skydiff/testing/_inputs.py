@@ -193,7 +193,14 @@ def _detections(data: SampleData) -> tuple[Table, np.ndarray]:
 
 
 def _dipole_catalog() -> Table:
-    """Three measured sources with dipole-fit columns: a dipole, a point source, a faint one."""
+    """Three measured sources with the dipole_fit columns: a dipole, a point source, a faint one.
+
+    The fluxes are from free (untied) fits, so ``dipole_dof = dipole_n_data - 6``. Row 1 is a
+    balanced, significant dipole that one PSF fits badly; row 2 a bright point source (no
+    negative lobe; the dipole fits no better than one PSF); row 3 a faint pair of lobes at
+    S/N 1.8. Both built-in classifiers flag exactly row 1.
+    """
+    nan = np.nan
     return Table({
         "id": np.array([1, 2, 3], dtype=np.int64),
         "x": np.array([20.0, 40.0, 12.0]),
@@ -201,14 +208,27 @@ def _dipole_catalog() -> Table:
         "psf_flux": np.array([150.0, 4000.0, 30.0]),
         "psf_flux_err": np.array([40.0, 60.0, 30.0]),
         "dipole_pos_flux": np.array([3000.0, 4000.0, 40.0]),
-        "dipole_neg_flux": np.array([2900.0, 0.0, 35.0]),
         "dipole_pos_flux_err": np.array([80.0, 60.0, 30.0]),
+        "dipole_neg_flux": np.array([2900.0, 0.0, 35.0]),
         "dipole_neg_flux_err": np.array([80.0, 60.0, 30.0]),
-        "dipole_separation": np.array([1.6, 0.0, 1.1]),
-        "dipole_orientation": np.array([0.3, 0.0, 2.0]),
-        "dipole_chi2dof": np.array([1.1, 25.0, 0.9]),
+        "dipole_pos_x": np.array([20.5, 40.0, 12.4]),
+        "dipole_pos_x_err": np.array([0.03, 0.02, 0.8]),
+        "dipole_pos_y": np.array([22.3, 31.0, 50.5]),
+        "dipole_pos_y_err": np.array([0.03, 0.02, 0.8]),
+        "dipole_neg_x": np.array([19.5, 41.0, 11.6]),
+        "dipole_neg_x_err": np.array([0.03, nan, 0.9]),
+        "dipole_neg_y": np.array([21.7, 32.0, 49.7]),
+        "dipole_neg_y_err": np.array([0.03, nan, 0.9]),
+        "dipole_x": np.array([20.008, 40.0, 12.027]),
+        "dipole_y": np.array([22.005, 31.0, 50.127]),
+        "dipole_separation": np.array([1.166, 1.414, 1.131]),
+        "dipole_orientation": np.array([30.96, -135.0, 45.0]),
+        "dipole_chi2dof": np.array([1.1, 1.02, 0.9]),
+        "dipole_single_chi2dof": np.array([25.0, 1.0, 0.95]),
+        "dipole_n_data": np.array([400, 300, 150], dtype=np.int64),
+        "dipole_dof": np.array([394, 294, 144], dtype=np.int64),
         "dipole_sn": np.array([52.0, 66.0, 1.8]),
-        "dipole_fit_failed": np.array([False, False, False]),
+        "dipole_fit_flag": np.array([False, False, False]),
     })
 
 

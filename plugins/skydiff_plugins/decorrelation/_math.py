@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import attrs
@@ -81,8 +82,11 @@ _MIN_FILTER_GRID = 64
 #: Rows per block when a full-frame array is processed by blocks (the blocks stay in cache
 #: between the steps applied to them).
 _BLOCK_ROWS = 64
-#: Largest matrix product (multiply-adds) of one block of the filter evaluation: OpenBLAS
-#: runs products up to about twice 2**18 multiply-adds on a single thread.
+#: Largest real matrix product (multiply-adds) of one block: OpenBLAS runs products of fewer
+#: than twice 2**18 multiply-adds on the calling thread. Larger ones wake its thread pool,
+#: whose threads spin for ~0.1 s afterwards and slow down the FFTs that follow on a small
+#: machine; complex products do so from about 2**16 multiply-adds, so large complex products
+#: are computed as real ones (:func:`_serial_matmul`).
 _SERIAL_GEMM_SIZE = 2**19 - 1
 
 Kind = Literal["diffim", "score_prefiltered", "score_matched"]
@@ -131,10 +135,11 @@ def centered_spectrum(image: ArrayLike, shape: tuple[int, int], *,
         e^{-2\pi i\,(k_r (i - K_r//2) / N_r + k_c (j - K_c//2) / N_c)},
 
     for :math:`k_c = 0 \ldots N_c//2`: the ``rfft2`` of the image zero-padded to ``shape``
-    with its central pixel rolled to ``[0, 0]``. On large grids it is computed as two matrix
-    products with the DFT matrices, :math:`E_r\,\kappa\,E_c`, at a cost of
-    :math:`N_r (N_c/2) K` complex multiply-adds — a third of one full-frame FFT for a
-    21-pixel kernel; small grids use that FFT.
+    with its central pixel rolled to ``[0, 0]``. On large grids it is computed as
+    :math:`E_r\,(\kappa\,E_c)`: the centred DFTs of the rows (one small FFT), then the DFT
+    along axis 0 as a matrix product of :math:`N_r (N_c/2) K` complex multiply-adds — a third
+    of one full-frame FFT for a 21-pixel kernel (:func:`_serial_matmul`); small grids use that
+    FFT.
 
     Parameters
     ----------
@@ -161,11 +166,81 @@ def centered_spectrum(image: ArrayLike, shape: tuple[int, int], *,
         padded[:k_r, :k_c] = array
         padded = np.roll(padded, (-(k_r // 2), -(k_c // 2)), axis=(0, 1))
         return scipy.fft.rfft2(padded)[rows].astype(dtype, copy=False)
+    # E_r (κ E_c): the rows' centred DFTs (one small float64 rfft), then the DFT along axis 0
     phase_r = np.fft.fftfreq(n_r)[rows, None] * (np.arange(k_r) - k_r // 2)[None, :]
-    phase_c = (np.arange(k_c) - k_c // 2)[:, None] * np.fft.rfftfreq(n_c)[None, :]
     e_r = np.exp(-2j * np.pi * phase_r).astype(dtype)
-    e_c = np.exp(-2j * np.pi * phase_c).astype(dtype)
-    return (e_r @ array.astype(dtype)) @ e_c
+    return _serial_matmul(e_r, _centered_row_spectra(array, n_c).astype(dtype))
+
+
+def _centered_row_spectra(image: NDArray[np.float64], n_cols: int
+                          ) -> NDArray[np.complex128]:
+    r"""The centred DFTs of the rows of an odd-width image on the rfft grid of ``n_cols``.
+
+    :math:`A_i(k_c) = \sum_j x[i, j]\,e^{-2\pi i\,k_c (j - K_c//2) / N_c}` for
+    :math:`k_c = 0 \ldots N_c//2`: the ``rfft`` of each row zero-padded to ``n_cols`` with its
+    central pixel rolled to index 0 (``complex128``; ``K_c <= n_cols``).
+    """
+    n_rows, width = image.shape
+    half = width // 2
+    padded = np.zeros((n_rows, n_cols), dtype=np.float64)
+    padded[:, :width - half] = image[:, half:]
+    if half:
+        padded[:, n_cols - half:] = image[:, :half]
+    spectra: NDArray[np.complex128] = scipy.fft.rfft(padded, axis=1)
+    return spectra
+
+
+def _run_parts(function: Callable[[int, int], None], n_rows: int, threads: int) -> None:
+    """``function(start, stop)`` over contiguous parts of ``[0, n_rows)``, one per thread.
+
+    The first part runs on the calling thread (NumPy releases the GIL in BLAS calls and
+    ufunc loops); exceptions propagate.
+    """
+    parts = max(1, min(threads, n_rows))
+    if parts == 1:
+        function(0, n_rows)
+        return
+    bounds = [n_rows * i // parts for i in range(parts + 1)]
+    with ThreadPoolExecutor(max_workers=parts - 1) as pool:
+        futures = [pool.submit(function, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+        function(bounds[0], bounds[1])
+        for future in futures:
+            future.result()
+
+
+def _serial_matmul(a: NDArray[np.complexfloating], b: NDArray[np.complexfloating]
+                   ) -> NDArray[np.complexfloating]:
+    r"""``a @ b`` (2-D, complex, same dtype) by blocks of single-threaded real BLAS products.
+
+    With real matrices :math:`[\Re a \mid \Im a]` and the interleaved real and imaginary
+    parts of :math:`b` over those of :math:`i b`, each product writes the real view of the
+    complex result directly (the arithmetic of a complex GEMM). Blocks of rows hold at most
+    :data:`_SERIAL_GEMM_SIZE` multiply-adds (columns are split too when a row alone is
+    larger), and large results are shared out among threads.
+    """
+    out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+    if out.size == 0:
+        return out
+    left = np.ascontiguousarray(np.concatenate([a.real, a.imag], axis=1))
+    right = np.concatenate([np.ascontiguousarray(b).view(left.dtype),
+                            np.ascontiguousarray(b * 1j).view(left.dtype)])
+    target = out.view(left.dtype)
+    width = right.shape[1]
+    block = _SERIAL_GEMM_SIZE // max(1, left.shape[1] * width)
+    cols = width
+    if block < 2:  # wide products: blocks of (whole complex) columns too
+        block = 2
+        cols = max(2, _SERIAL_GEMM_SIZE // (2 * left.shape[1]) // 2 * 2)
+
+    def run(start: int, stop: int) -> None:
+        for c0 in range(0, width, cols):
+            part = right[:, c0:c0 + cols]
+            for r0 in range(start, stop, block):
+                r1 = min(r0 + block, stop)
+                np.matmul(left[r0:r1], part, out=target[r0:r1, c0:c0 + cols])
+
+    _run_parts(run, out.shape[0], _threads(out.shape))
+    return out
 
 
 def power(spectrum: NDArray[np.complexfloating]) -> NDArray[np.floating]:
@@ -775,14 +850,12 @@ def _apply_even_filter(spectrum: NDArray[np.complex64], stamp: NDArray[np.float6
     only, :math:`A_{-i} = \overline{A_i}`), :math:`w_0 = 1` and :math:`w_{i>0} = 2`: one real
     matrix product of inner dimension :math:`2(h+1)` per block of a few rows, evaluated
     (``float32``, or float64 for :math:`\|\phi\|_1 >` ``_FLOAT32_MAX_L1``) and applied
-    while the block is in cache.
+    while the block is in cache, the blocks shared out among threads. The :math:`A_i` are
+    the ``rfft`` of the rows (:func:`_centered_row_spectra`).
     """
     n_rows, n_half = spectrum.shape
     half = stamp.shape[0] // 2
-    offsets = np.arange(-half, half + 1)
-    phase_c = np.outer(offsets, np.arange(n_half)) % n_cols
-    e_c = np.exp((-2j * np.pi / n_cols) * phase_c)  # (2h + 1, n_half)
-    a = stamp[half:] @ e_c  # rows i = 0..h
+    a = _centered_row_spectra(stamp[half:], n_cols)  # rows i = 0..h
     weights = np.full((half + 1, 1), 2.0 * scale)
     weights[0] = scale
     dtype = np.float32 if np.abs(stamp).sum() <= _FLOAT32_MAX_L1 else np.float64
@@ -795,18 +868,23 @@ def _apply_even_filter(spectrum: NDArray[np.complex64], stamp: NDArray[np.float6
     del phase
     # Blocks small enough that BLAS computes each product on one thread: OpenBLAS splits a
     # product across threads only above ~5e5 multiply-adds, and on a shared machine its
-    # thread wake-ups for many small products cost more than the products themselves.
+    # thread wake-ups for many small products cost more than the products themselves. The
+    # blocks are shared out among threads of our own instead.
     rows = max(1, min(_BLOCK_ROWS, _SERIAL_GEMM_SIZE // (right.shape[0] * n_half)))
-    values = np.empty((rows, n_half), dtype=dtype)
-    single = values if dtype == np.float32 else np.empty((rows, n_half), dtype=np.float32)
-    for start in range(0, n_rows, rows):
-        stop = min(start + rows, n_rows)
-        filt = values[:stop - start]
-        np.matmul(left[start:stop], right, out=filt)
-        if single is not values:
-            np.copyto(single[:stop - start], filt, casting="same_kind")
-        block = spectrum[start:stop]
-        np.multiply(block, single[:stop - start], out=block)
+
+    def run(first: int, last: int) -> None:
+        values = np.empty((rows, n_half), dtype=dtype)
+        single = values if dtype == np.float32 else np.empty((rows, n_half), dtype=np.float32)
+        for start in range(first, last, rows):
+            stop = min(start + rows, last)
+            filt = values[:stop - start]
+            np.matmul(left[start:stop], right, out=filt)
+            if single is not values:
+                np.copyto(single[:stop - start], filt, casting="same_kind")
+            block = spectrum[start:stop]
+            np.multiply(block, single[:stop - start], out=block)
+
+    _run_parts(run, n_rows, _threads(spectrum.shape))
 
 
 def _weighted_sum(a: NDArray[np.float32], w_a: float, b: NDArray[np.float32], w_b: float
@@ -814,15 +892,29 @@ def _weighted_sum(a: NDArray[np.float32], w_a: float, b: NDArray[np.float32], w_
     """``a * w_a + b * w_b`` in float32, by blocks of rows (no full-frame temporary)."""
     out = np.empty(a.shape, dtype=np.float32)
     rows = max(1, (_BLOCK_ROWS * 4096) // max(1, a.shape[1]))
-    scratch = np.empty((min(rows, a.shape[0]), a.shape[1]), dtype=np.float32)
-    for start in range(0, a.shape[0], rows):
-        block = slice(start, min(start + rows, a.shape[0]))
-        target = out[block]
-        np.multiply(a[block], np.float32(w_a), out=target)
-        tmp = scratch[:target.shape[0]]
-        np.multiply(b[block], np.float32(w_b), out=tmp)
-        np.add(target, tmp, out=target)
+
+    def run(first: int, last: int) -> None:
+        scratch = np.empty((min(rows, last - first), a.shape[1]), dtype=np.float32)
+        for start in range(first, last, rows):
+            block = slice(start, min(start + rows, last))
+            target = out[block]
+            np.multiply(a[block], np.float32(w_a), out=target)
+            tmp = scratch[:target.shape[0]]
+            np.multiply(b[block], np.float32(w_b), out=tmp)
+            np.add(target, tmp, out=target)
+
+    _run_parts(run, a.shape[0], _threads(a.shape))
     return out
+
+
+def _by_rows(ufunc: np.ufunc, source: NDArray[np.float32], value: np.float32,
+             out: NDArray[np.float32], threads: int) -> None:
+    """``out = ufunc(source, value)``, the rows shared out among ``threads`` threads."""
+
+    def run(first: int, last: int) -> None:
+        ufunc(source[first:last], value, out=out[first:last])
+
+    _run_parts(run, source.shape[0], threads)
 
 
 def _mean_and_bad(image: NDArray[np.float32], bad: NDArray[np.bool_] | None
@@ -904,11 +996,12 @@ def decorrelate_block(image: NDArray[np.float32], bad: NDArray[np.bool_] | None,
     threads = _threads(shape)
     real = np.empty((height, shape[1]), dtype=np.float32)
     real[:, width:] = 0.0  # the padding continues the image as its mean
-    block = real[:, :width]
-    np.subtract(image, np.float32(mean), out=block)
+    level = np.float32(mean)
+    _by_rows(np.subtract, image, level, real[:, :width], threads)
     if bad is not None:
+        block = real[:, :width]
         block[bad] = 0.0
-    del block
+        del block
     spectrum = _forward(real, shape[0], threads)
     if compact is not None:
         w_u, w_c = compact.weight_u, compact.weight_c
@@ -920,7 +1013,8 @@ def decorrelate_block(image: NDArray[np.float32], bad: NDArray[np.bool_] | None,
         del filt
         _inverse(spectrum, real, threads, normalise=True)
     del spectrum
-    out = np.add(real[:, :width], np.float32(mean), dtype=np.float32)
+    out = np.empty((height, width), dtype=np.float32)
+    _by_rows(np.add, real[:, :width], level, out, threads)
     del real
     if bad is not None:
         out[bad] = image[bad]

@@ -11,10 +11,16 @@ Registered algorithms
     background, decorrelation (DMTN-021).
 ``subtraction: al_preconvolve``
     ``AlardLuptonPreconvolveSubtractTask``: the science image is pre-filtered with its own
-    PSF and the template matched to it, giving a score (likelihood) image (DMTN-179).
+    PSF and the template matched to it, giving a score (likelihood) image (DMTN-179); the
+    kernel comes from stars or (``kernel_source = "model_psf"``) from the PSF models.
+``subtraction: model_psf``
+    ``ModelPsfMatchTask`` as a subtraction: the kernel matches the two PSF *models* (fitted
+    by the same solver on PSF images on a grid of positions) and is scaled to the
+    photometric ratio; the rest is ``al``. For star-poor fields.
 
 The mathematics (bases, the batched per-stamp and spatial least squares, regularization,
-candidate rejection) lives in the private modules ``_basis``, ``_solve`` and ``_stats``.
+candidate rejection) lives in the private modules ``_basis``, ``_solve`` and ``_stats``; the
+PSF-model candidates and the photometric scale in ``_model_kernel``.
 
 References
 ----------
@@ -29,8 +35,16 @@ from __future__ import annotations
 
 import skydiff
 
-from ._al import AlSubtraction, AlSubtractionConfig, KernelConditionError, PsfMatchConfig
+from ._al import (
+    AlSubtraction,
+    AlSubtractionConfig,
+    KernelConditionError,
+    MatchingConfig,
+    PsfMatchConfig,
+)
 from ._kernel_basis import AlBasisConfig, AlKernelBasis, DfBasisConfig, DfKernelBasis
+from ._model_kernel import PsfModelsConfig
+from ._model_psf import ModelPsfConfig, ModelPsfSubtraction
 from ._preconvolve import AlPreconvolveConfig, AlPreconvolveSubtraction
 from ._sources import KernelSourcesConfig, KernelSourceSelection, select_kernel_sources
 
@@ -46,15 +60,21 @@ __all__ = [
     "KernelConditionError",
     "KernelSourceSelection",
     "KernelSourcesConfig",
+    "MatchingConfig",
+    "ModelPsfConfig",
+    "ModelPsfSubtraction",
     "PsfMatchConfig",
+    "PsfModelsConfig",
     "select_kernel_sources",
 ]
 
 
 @skydiff.hookimpl
 def skydiff_register_algorithms(registries: skydiff.Registries) -> None:
-    """Register the ``al``/``df`` bases and the ``al``/``al_preconvolve`` subtractions."""
+    """Register the ``al``/``df`` bases and the ``al``/``al_preconvolve``/``model_psf``
+    subtractions."""
     registries.kernel_basis.add(AlKernelBasis)
     registries.kernel_basis.add(DfKernelBasis)
     registries.subtraction.add(AlSubtraction)
     registries.subtraction.add(AlPreconvolveSubtraction)
+    registries.subtraction.add(ModelPsfSubtraction)

@@ -87,6 +87,19 @@ from ._common import (
     template_coverage,
     validate_pair,
 )
+from ._model_kernel import (
+    PsfImage,
+    PsfModelsConfig,
+    calibration_ratio,
+    candidate_grid,
+    describe,
+    fit_model_kernel,
+    grid_table,
+    match_residuals,
+    psf_stamps,
+    scale_kernel,
+    stellar_flux_ratio,
+)
 from ._sources import (
     KernelSourcesConfig,
     KernelSourceSelection,
@@ -98,6 +111,7 @@ __all__ = [
     "AlSubtraction",
     "AlSubtractionConfig",
     "KernelConditionError",
+    "MatchingConfig",
     "PsfMatchConfig",
 ]
 
@@ -114,8 +128,12 @@ class KernelConditionError(skydiff.AlgorithmError):
 
 
 @skydiff.configclass
-class PsfMatchConfig(skydiff.Config):
-    """Settings shared by the PSF-matching subtraction plugins (``al``, ``al_preconvolve``)."""
+class MatchingConfig(skydiff.Config):
+    """Settings shared by every PSF-matching subtraction (``al``, ``al_preconvolve``,
+    ``model_psf``): inputs, PSFs, kernel basis, spatial model and differential background.
+
+    :class:`PsfMatchConfig` adds the settings of the kernel fit on stars.
+    """
 
     kernel_basis: Any = skydiff.RegistryField(
         "kernel_basis", default="al", doc="Basis of the PSF-matching kernel.")
@@ -129,7 +147,8 @@ class PsfMatchConfig(skydiff.Config):
         True, doc="Fall back to psf_fallback when psf_estimator fails; False lets the "
                   "PsfEstimationError propagate.")
     kernel_sources: KernelSourcesConfig = skydiff.ConfigField(
-        KernelSourcesConfig, doc="Selection of the stars the kernel is fitted on.")
+        KernelSourcesConfig, doc="Selection of the stars the kernel is fitted on (model_psf: "
+                                 "the stars its photometric scale is measured on).")
     spatial_kernel_order: int = skydiff.RangeField(
         1, min=0, max=6, doc="Total degree of the polynomials of position of the kernel "
                              "coefficients (spatialKernelOrder; the subtraction task uses 1).")
@@ -140,24 +159,13 @@ class PsfMatchConfig(skydiff.Config):
                               "polynomial": "monomials"},
         doc="Family of the spatial functions (spatialModelType).")
     fit_background: bool = skydiff.Field(
-        True, doc="Fit a differential background with the kernel (fitForBackground).")
-    background_method: str = skydiff.ChoiceField(
-        "sky", allowed={
-            "sky": "robust inverse-variance fit of the spatial polynomial to the sky pixels "
-                   "of the raw difference (unbiased; the kernel-fit background trades off "
-                   "against the broad kernel terms on the small stamps)",
-            "kernel_fit": "the background solved jointly with the kernel on the stamps "
-                          "(upstream)"},
-        doc="How the differential background removed from the difference is determined.")
+        True, doc="Fit a differential background (fitForBackground): with the kernel on the "
+                  "stamps and on the sky of the difference (background_method); model_psf: "
+                  "on the sky of the difference only.")
     subtract_background: bool = skydiff.Field(
         True, doc="Remove the fitted background from the difference (upstream's "
                   "doSubtractBackground, default False there because its detection step "
                   "re-fits the sky). The result's background field holds it either way.")
-    weighting: str = skydiff.ChoiceField(
-        "constant", allowed={"constant": "one weight per stamp: 1/median(V_S + V_T) "
-                                         "(constantVarianceWeighting, upstream default)",
-                             "pixel": "1/(V_S + V_T) per pixel"},
-        doc="Weights of the per-stamp least squares.")
     use_pca: str = skydiff.ChoiceField(
         "auto", allowed={"auto": "for bases without a photometric first kernel (delta "
                                  "functions), as upstream usePcaForSpatialKernel",
@@ -167,6 +175,49 @@ class PsfMatchConfig(skydiff.Config):
         5, min=1, doc="PCA basis size including the mean kernel (numPrincipalComponents).")
     subtract_mean_for_pca: bool = skydiff.Field(
         True, doc="Decompose the per-stamp kernels about their mean (subtractMeanForPca).")
+    required_template_fraction: float = skydiff.RangeField(
+        0.1, min=0.0, max=1.0, doc="Raise NoWorkFound when the template covers less of the "
+                                   "science image (requiredTemplateFraction).")
+    min_template_fraction_for_expected_success: float = skydiff.RangeField(
+        0.2, min=0.0, max=1.0,
+        doc="Below this coverage a failed kernel fit becomes NoWorkFound "
+            "(minTemplateFractionForExpectedSuccess).")
+    do_scale_variance: bool = skydiff.Field(
+        True, doc="Rescale both variance planes to the measured pixel noise (doScaleVariance).")
+    max_wcs_offset: float = skydiff.RangeField(
+        1.0, min=0.0, doc="Largest offset (science pixels) between the two WCSs; sub-pixel "
+                          "offsets are absorbed by the kernel, larger ones mean the template "
+                          "was not resampled onto the science grid.")
+    preserve_template_planes: tuple[str, ...] = skydiff.ListField(
+        ("NO_DATA", "BAD", "HIGH_VARIANCE"), dtype=str,
+        doc="Template mask planes kept for the difference (preserveTemplateMask); the others "
+            "are cleared, SAT and INJECTED being copied to *_TEMPLATE first.")
+
+    def _validate(self) -> None:
+        if self.min_template_fraction_for_expected_success < self.required_template_fraction:
+            msg = ("min_template_fraction_for_expected_success must be >= "
+                   "required_template_fraction")
+            raise skydiff.ConfigError(msg)
+
+
+@skydiff.configclass
+class PsfMatchConfig(MatchingConfig):
+    """Settings of the PSF-matching subtractions whose kernel is fitted on stars (``al``,
+    ``al_preconvolve``): :class:`MatchingConfig` plus the candidate fit and rejection."""
+
+    background_method: str = skydiff.ChoiceField(
+        "sky", allowed={
+            "sky": "robust inverse-variance fit of the spatial polynomial to the sky pixels "
+                   "of the raw difference (unbiased; the kernel-fit background trades off "
+                   "against the broad kernel terms on the small stamps)",
+            "kernel_fit": "the background solved jointly with the kernel on the stamps "
+                          "(upstream)"},
+        doc="How the differential background removed from the difference is determined.")
+    weighting: str = skydiff.ChoiceField(
+        "constant", allowed={"constant": "one weight per stamp: 1/median(V_S + V_T) "
+                                         "(constantVarianceWeighting, upstream default)",
+                             "pixel": "1/(V_S + V_T) per pixel"},
+        doc="Weights of the per-stamp least squares.")
     max_iterations: int = skydiff.RangeField(
         3, min=1, max=5, doc="Spatial fit / candidate assessment rounds (maxSpatialIterations).")
     single_kernel_clipping: bool = skydiff.Field(
@@ -201,29 +252,6 @@ class PsfMatchConfig(skydiff.Config):
         1e11, min=1.0,
         doc="Largest condition number of the spatial system; healthy fits stay below ~1e8, "
             "kernel stars crowded into one corner for a quadratic model reach ~1e12.")
-    required_template_fraction: float = skydiff.RangeField(
-        0.1, min=0.0, max=1.0, doc="Raise NoWorkFound when the template covers less of the "
-                                   "science image (requiredTemplateFraction).")
-    min_template_fraction_for_expected_success: float = skydiff.RangeField(
-        0.2, min=0.0, max=1.0,
-        doc="Below this coverage a failed kernel fit becomes NoWorkFound "
-            "(minTemplateFractionForExpectedSuccess).")
-    do_scale_variance: bool = skydiff.Field(
-        True, doc="Rescale both variance planes to the measured pixel noise (doScaleVariance).")
-    max_wcs_offset: float = skydiff.RangeField(
-        1.0, min=0.0, doc="Largest offset (science pixels) between the two WCSs; sub-pixel "
-                          "offsets are absorbed by the kernel, larger ones mean the template "
-                          "was not resampled onto the science grid.")
-    preserve_template_planes: tuple[str, ...] = skydiff.ListField(
-        ("NO_DATA", "BAD", "HIGH_VARIANCE"), dtype=str,
-        doc="Template mask planes kept for the difference (preserveTemplateMask); the others "
-            "are cleared, SAT and INJECTED being copied to *_TEMPLATE first.")
-
-    def _validate(self) -> None:
-        if self.min_template_fraction_for_expected_success < self.required_template_fraction:
-            msg = ("min_template_fraction_for_expected_success must be >= "
-                   "required_template_fraction")
-            raise skydiff.ConfigError(msg)
 
 
 @skydiff.configclass
@@ -263,7 +291,13 @@ class _KernelFit:
 
 
 class PsfMatchSubtraction(skydiff.Subtraction):
-    """Shared machinery of the PSF-matching subtraction plugins (not registered itself)."""
+    """Shared machinery of the PSF-matching subtraction plugins (not registered itself).
+
+    Inputs (:meth:`_prepare`), kernels from stars (:meth:`_fit_kernel`) or from the PSF
+    models (:meth:`_fit_model_kernel`), the differential background and the
+    convolve-and-subtract path of ``al`` and ``model_psf`` (:meth:`_subtract_matched`),
+    which differ only in their kernel-source step (:meth:`_match`).
+    """
 
     ConfigClass = PsfMatchConfig
 
@@ -350,6 +384,20 @@ class PsfMatchSubtraction(skydiff.Subtraction):
             msg = f"invalid regularization from the kernel basis: {exc}"
             raise skydiff.ConfigError(msg) from exc
 
+    @contextlib.contextmanager
+    def _expected_success(self, coverage: float) -> Iterator[None]:
+        """Turn an :class:`skydiff.AlgorithmError` of the kernel step into
+        :class:`skydiff.NoWorkFound` when the template covers less than
+        ``min_template_fraction_for_expected_success`` of the science image."""
+        try:
+            yield
+        except skydiff.AlgorithmError as exc:
+            if coverage < self.config.min_template_fraction_for_expected_success:
+                msg = (f"the kernel fit failed ({exc}) and the template covers only "
+                       f"{coverage:.1%} of the science image")
+                raise skydiff.NoWorkFound(msg) from exc
+            raise
+
     def _fit_kernel(self, convolved: skydiff.Exposure, matched_to: skydiff.Exposure, *,
                     science: skydiff.Exposure, template: skydiff.Exposure,
                     basis: skydiff.KernelBasisResult, sources: Table | None,
@@ -359,7 +407,7 @@ class PsfMatchSubtraction(skydiff.Subtraction):
         """Select kernel sources and fit ``matched_to ≈ κ ⊗ convolved + b``."""
         config = self.config
         kernel_size = int(basis.basis.shape[1])
-        try:
+        with self._expected_success(coverage):
             with self._stage("sources", timings):
                 selection = select_kernel_sources(
                     science, template, kernel_size=kernel_size, config=config.kernel_sources,
@@ -367,12 +415,6 @@ class PsfMatchSubtraction(skydiff.Subtraction):
                     template_fwhm=fwhm_template, margin=margin, mask_exposure=mask_exposure)
             with self._stage("solve", timings):
                 fit, bbox = self._solve(convolved, matched_to, basis, selection, kernel_size)
-        except skydiff.AlgorithmError as exc:
-            if coverage < config.min_template_fraction_for_expected_success:
-                msg = (f"the kernel fit failed ({exc}) and the template covers only "
-                       f"{coverage:.1%} of the science image")
-                raise skydiff.NoWorkFound(msg) from exc
-            raise
         kernel = skydiff.BasisKernel(fit.basis, fit.coefficients,
                                      order=config.spatial_kernel_order, bbox=bbox,
                                      kind=config.spatial_kind)
@@ -430,6 +472,168 @@ class PsfMatchSubtraction(skydiff.Subtraction):
             raise skydiff.NoKernelCandidatesError(msg) from exc
         return fit, bbox
 
+    def _fit_model_kernel(self, convolved: skydiff.Exposure, matched_to: skydiff.Exposure, *,
+                          settings: PsfModelsConfig, basis: skydiff.KernelBasisResult,
+                          science: skydiff.Exposure, template: skydiff.Exposure,
+                          sources: Table | None, fwhm_science: float, fwhm_template: float,
+                          coverage: float, timings: dict[str, dict[str, float]],
+                          reference_psf: PsfImage | None = None, margin: int = 0,
+                          mask_exposure: skydiff.Exposure | None = None,
+                          ) -> tuple[_KernelFit, dict[str, Any]]:
+        r"""The kernel matching the PSF model of ``convolved`` to that of ``matched_to``.
+
+        Candidates are the two PSF models on a grid of positions (:mod:`._model_kernel`); the
+        kernel is solved by :func:`._solve.fit_psf_matching_kernel` with clipping off, then
+        scaled to the photometric ratio (:meth:`_photometric_scale`). ``reference_psf``
+        replaces ``matched_to``'s PSF model (the pre-filtered science's
+        :math:`P_S\otimes H`); ``sources``, ``margin`` and ``mask_exposure`` are for the
+        stars of the photometric scale, as in :meth:`_fit_kernel`; an expected failure
+        becomes :class:`skydiff.NoWorkFound` at low ``coverage`` as there.
+
+        Returns
+        -------
+        tuple
+            The :class:`_KernelFit` (``selection`` = the grid of PSF candidates, background
+            coefficients zero) and its metadata.
+        """
+        config = self.config
+        conv_psf, ref_psf = convolved.psf, matched_to.psf
+        reference = reference_psf
+        if reference is None and ref_psf is not None:
+            reference = ref_psf.kernel_image
+        if conv_psf is None or reference is None:
+            msg = "model-PSF matching needs PSF models on both exposures"
+            raise skydiff.InputError(msg)
+        kernel_size = int(basis.basis.shape[1])
+        x0, y0 = matched_to.origin
+        with self._stage("psf_candidates", timings):
+            gx, gy = candidate_grid(matched_to.shape, cell_size=settings.cell_size,
+                                    min_per_axis=config.spatial_kernel_order + 2)
+            stamps = psf_stamps(conv_psf.kernel_image, reference, gx + x0, gy + y0,
+                                kernel_size=kernel_size, pad_factor=settings.pad_factor)
+        bbox = exposure_bbox(matched_to)
+        use_pca = (config.use_pca == "always"
+                   or (config.use_pca == "auto" and not basis.constant_first))
+        with self._expected_success(coverage):
+            with self._stage("solve", timings):
+                try:
+                    fit = fit_model_kernel(
+                        stamps, basis.basis, bbox=bbox,
+                        spatial_kernel_order=config.spatial_kernel_order,
+                        spatial_kind=config.spatial_kind,
+                        constant_first=bool(basis.constant_first or use_pca),
+                        regularization=self._regularization(basis), use_pca=use_pca,
+                        n_pca_components=config.n_pca_components,
+                        subtract_mean_for_pca=config.subtract_mean_for_pca)
+                except _solve.NoKernelCandidatesError as exc:
+                    raise skydiff.NoKernelCandidatesError(str(exc), **exc.metadata) from exc
+                except ValueError as exc:
+                    msg = f"the model-PSF kernel fit failed: {exc}"
+                    raise skydiff.NoKernelCandidatesError(msg) from exc
+            unit = scale_kernel(skydiff.BasisKernel(fit.basis, fit.coefficients,
+                                                    order=config.spatial_kernel_order,
+                                                    bbox=bbox, kind=config.spatial_kind), 1.0)
+            residuals = match_residuals(stamps, unit.images_at(stamps.x, stamps.y))
+            with self._stage("photometric_scale", timings):
+                kernel_sum, scale_meta = self._photometric_scale(
+                    settings, convolved, matched_to, unit, reference, science=science,
+                    template=template, sources=sources, kernel_size=kernel_size,
+                    fwhm_science=fwhm_science, fwhm_template=fwhm_template, margin=margin,
+                    mask_exposure=mask_exposure)
+            kernel = scale_kernel(unit, kernel_sum)
+        n_bg = (config.spatial_bg_order + 1) * (config.spatial_bg_order + 2) // 2
+        table = grid_table(gx, gy, fit, residuals)
+        selection = KernelSourceSelection(table=table, index=np.arange(len(table)))
+        kernel_fit = _KernelFit(kernel=kernel, background_coefficients=np.zeros(n_bg),
+                                background_order=config.spatial_bg_order, fit=fit,
+                                selection=selection, basis=basis)
+        basis_meta = {key: value for key, value in basis.metadata.items()
+                      if key != "regularization"}
+        metadata: dict[str, Any] = {
+            "kernel_source": "model_psf",
+            "kernel_sum": float(kernel.sum),
+            **scale_meta,
+            **describe(fit, residuals, stamps.stamp_shape[0]),
+            "spatial_condition_number": _finite(fit.spatial_condition_number),
+            "kernel_size": kernel_size,
+            "n_basis": int(fit.basis.shape[0]),
+            "basis": basis_meta,
+        }
+        return kernel_fit, metadata
+
+    def _photometric_scale(self, settings: PsfModelsConfig, convolved: skydiff.Exposure,
+                           matched_to: skydiff.Exposure, kernel: skydiff.BasisKernel,
+                           reference: PsfImage, *,
+                           science: skydiff.Exposure, template: skydiff.Exposure,
+                           sources: Table | None, kernel_size: int, fwhm_science: float,
+                           fwhm_template: float, margin: int,
+                           mask_exposure: skydiff.Exposure | None
+                           ) -> tuple[float, dict[str, Any]]:
+        """The kernel sum of a model-PSF kernel (``settings.kernel_sum_source``).
+
+        Returns the sum and the metadata ``kernel_sum_source`` (``calibration``, ``stars``,
+        ``fixed`` or ``unity``), ``kernel_sum_err`` and, for stars, ``n_photometry_stars``
+        (selected) and ``n_photometry_stars_used`` (kept by the clipping); ``unity`` comes with
+        a ``kernel_sum_note``.
+
+        Raises
+        ------
+        skydiff.InputError
+            ``calibration`` without photometric calibrations on both exposures.
+        skydiff.InsufficientKernelSourcesError
+            ``stars`` with fewer usable stars than ``min_photometry_stars``.
+        """
+        source = settings.kernel_sum_source
+        if source == "fixed":
+            return float(settings.fixed_kernel_sum), {"kernel_sum_source": "fixed",
+                                                      "kernel_sum_err": 0.0}
+        if source in ("auto", "calibration"):
+            calibrated = calibration_ratio(convolved, matched_to)
+            if calibrated is not None:
+                return calibrated[0], {"kernel_sum_source": "calibration",
+                                       "kernel_sum_err": calibrated[1]}
+            if source == "calibration":
+                msg = ("kernel_sum_source = 'calibration' needs a photometric calibration "
+                       "(photo_calib) on both exposures; set them or use 'stars' / 'fixed'")
+                raise skydiff.InputError(msg)
+        config = self.config
+        try:
+            selection = select_kernel_sources(
+                science, template, kernel_size=kernel_size, config=config.kernel_sources,
+                min_sources=settings.min_photometry_stars, sources=sources, fwhm=fwhm_science,
+                template_fwhm=fwhm_template, margin=margin, mask_exposure=mask_exposure)
+            table = selection.table[selection.index]
+            bad = tuple(config.kernel_sources.bad_planes)
+            ratio = stellar_flux_ratio(
+                convolved, matched_to, kernel, reference,
+                np.asarray(table["x"], dtype=np.float64),
+                np.asarray(table["y"], dtype=np.float64),
+                bad_bits=(_bits(matched_to.mask_planes, bad),
+                          _bits(convolved.mask_planes, bad)))
+            needed = int(config.kernel_sources.min_sources or settings.min_photometry_stars)
+            if ratio.n_used < needed or not (math.isfinite(ratio.ratio) and ratio.ratio > 0):
+                msg = (f"only {ratio.n_used} star(s) gave a usable flux ratio (need {needed})"
+                       f"; pass a source list or use kernel_sum_source = 'calibration' or "
+                       f"'fixed'")
+                raise skydiff.InsufficientKernelSourcesError(
+                    msg, n_found=ratio.n_used, n_needed=needed)
+        except skydiff.InsufficientKernelSourcesError as exc:
+            if source == "stars":
+                raise
+            note = (f"no photometric calibrations and no stellar flux ratio ({exc}); the "
+                    f"kernel sum is 1, i.e. both images are assumed on the same photometric "
+                    f"scale")
+            self.log.warning("%s", note)
+            return 1.0, {"kernel_sum_source": "unity", "kernel_sum_err": float("nan"),
+                         "kernel_sum_note": note}
+        return ratio.ratio, {"kernel_sum_source": "stars", "kernel_sum_err": ratio.error,
+                             "n_photometry_stars": selection.n_selected,
+                             "n_photometry_stars_used": ratio.n_used}
+
+    def _background_method(self) -> str:
+        """How the differential background is determined (``background_method``)."""
+        return str(getattr(self.config, "background_method", "sky"))
+
     def _difference(self, fit: _KernelFit, raw: _RawDifference, *,
                     science: skydiff.Exposure, template: skydiff.Exposure
                     ) -> tuple[skydiff.Exposure, np.ndarray, np.ndarray]:
@@ -467,7 +671,7 @@ class PsfMatchSubtraction(skydiff.Subtraction):
         if not config.fit_background:
             return np.zeros(shape, dtype=np.float32), np.zeros(n_terms)
         kernel = fit.kernel
-        if config.background_method == "kernel_fit":
+        if self._background_method() == "kernel_fit":
             coefficients = np.asarray(fit.background_coefficients, dtype=np.float64)
             image = spatial_image(coefficients, order=fit.background_order, bbox=kernel.bbox,
                                   kind=kernel.kind, shape=shape, origin=origin)
@@ -488,6 +692,121 @@ class PsfMatchSubtraction(skydiff.Subtraction):
         image = spatial_image(coefficients, order=config.spatial_bg_order, bbox=kernel.bbox,
                               kind=kernel.kind, shape=shape, origin=origin)
         return image, coefficients
+
+    # -- the convolve-and-subtract path (al, model_psf) ------------------------------
+
+    def _convolution_mode(self, prepared: _Prepared) -> str:
+        """``config.mode`` with ``auto`` resolved (upstream ``_shapeTest``): convolve the
+        template unless it is broader than the science along both axes."""
+        mode = str(self.config.mode)
+        if mode == "auto":
+            tx, ty = psf_axis_fwhms(prepared.template)
+            sx, sy = psf_axis_fwhms(prepared.science)
+            mode = "convolveTemplate" if (tx <= sx or ty <= sy) else "convolveScience"
+        return mode
+
+    def _match(self, prepared: _Prepared, *, convolve_template: bool, sources: Table | None,
+               timings: dict[str, dict[str, float]]) -> tuple[_KernelFit, dict[str, Any]]:
+        """The kernel-source step: basis and spatial kernel from stars (``al``).
+
+        Returns the fit and its metadata; ``model_psf`` overrides this step only.
+        """
+        science_p, template_p = prepared.science, prepared.template
+        convolved, matched_to = ((template_p, science_p) if convolve_template
+                                 else (science_p, template_p))
+        fwhm_c, fwhm_m = ((prepared.fwhm_template, prepared.fwhm_science) if convolve_template
+                          else (prepared.fwhm_science, prepared.fwhm_template))
+        basis = self.kernel_basis.run(target_fwhm=fwhm_c, reference_fwhm=fwhm_m)
+        fit = self._fit_kernel(convolved, matched_to, science=science_p, template=template_p,
+                               basis=basis, sources=sources,
+                               fwhm_science=prepared.fwhm_science,
+                               fwhm_template=prepared.fwhm_template,
+                               coverage=prepared.coverage, timings=timings)
+        return fit, self._fit_metadata(fit)
+
+    def _subtract_matched(self, science: Any, template: Any, *, sources: Table | None
+                          ) -> skydiff.SubtractionResult:
+        """Prepare, match (:meth:`_match`), convolve, subtract, remove the background and
+        decorrelate: everything of ``al`` and ``model_psf`` but the kernel source."""
+        config = self.config
+        timings: dict[str, dict[str, float]] = {}
+        prepared = self._prepare(science, template, timings)
+        science_p, template_p = prepared.science, prepared.template
+        mode = self._convolution_mode(prepared)
+        convolve_template = mode == "convolveTemplate"
+        fit, fit_metadata = self._match(prepared, convolve_template=convolve_template,
+                                        sources=sources, timings=timings)
+        kernel = fit.kernel
+        with self._stage("convolve", timings):
+            science_c, template_c = mask_hygiene(
+                science_p, template_p,
+                preserve_template_planes=config.preserve_template_planes)
+            raw = self._raw_difference(science_c, template_c, kernel, convolve_template)
+            matched = raw.matched
+            difference, background, bg_coefficients = self._difference(
+                fit, raw, science=science_p, template=template_p)
+            del raw
+        metadata: dict[str, Any] = {
+            "mode": mode,
+            "template_coverage": prepared.coverage,
+            "variance_scale_science": prepared.variance_factors[0],
+            "variance_scale_template": prepared.variance_factors[1],
+            "fwhm_science": prepared.fwhm_science,
+            "fwhm_template": prepared.fwhm_template,
+            **prepared.psf_metadata,
+            **fit_metadata,
+            "background_coefficients": [float(c) for c in bg_coefficients],
+        }
+        result = skydiff.SubtractionResult(
+            difference=difference, matched_image=matched, kernel=kernel, background=background,
+            kernel_sources=self._kernel_sources_table(fit),
+            convolved="template" if convolve_template else "science", metadata=metadata)
+        with self._stage("decorrelate", timings):
+            decorrelated = self.decorrelation.run(science_c, template_c, result)
+        metadata["decorrelation"] = dict(decorrelated.metadata)
+        metadata["timing"] = timings
+        return attrs.evolve(result, difference=decorrelated.difference,
+                            score=decorrelated.score, metadata=metadata)
+
+    def _raw_difference(self, science: skydiff.Exposure, template: skydiff.Exposure,
+                        kernel: skydiff.BasisKernel, convolve_template: bool) -> _RawDifference:
+        r"""The difference before background removal and the matched image.
+
+        ``convolveTemplate``: :math:`S - \kappa\otimes T`, variance
+        :math:`V_S + \kappa^2\otimes V_T`, science PSF. ``convolveScience``:
+        :math:`(\kappa\otimes S - T)/k`, variance :math:`(\kappa^2\otimes V_S + V_T)/k^2`,
+        template PSF, with :math:`k(x, y) = \sum\kappa(x, y)` (``inverse_ksum`` holds
+        :math:`1/k`). Each plane is computed once into a new array.
+        """
+        if convolve_template:
+            matched = skydiff.convolve(template, kernel, preserve_planes=())
+            # three independent planes, computed in parallel threads
+            image, variance, (mask, planes) = parallel_map(lambda plane: plane(), (
+                lambda: np.subtract(science.image, matched.image),
+                lambda: np.add(science.variance, matched.variance),
+                lambda: merge_masks(science, matched.mask, matched.mask_planes)))
+            return _RawDifference(image=image, variance=variance, mask=mask, planes=planes,
+                                  like=science, matched=matched)
+        convolved = skydiff.convolve(science, kernel, preserve_planes=())
+        inverse = spatial_image(kernel.spatial_images().sum(axis=(1, 2)), order=kernel.order,
+                                bbox=kernel.bbox, kind=kernel.kind, shape=science.shape,
+                                origin=science.origin)
+        if not np.all(inverse > 0):
+            msg = "the PSF-matching kernel sum is not positive everywhere; cannot normalise"
+            raise skydiff.NoKernelCandidatesError(msg)
+        np.reciprocal(inverse, out=inverse)
+        inverse2 = np.square(inverse)
+        matched = convolved.evolve(image=frozen(np.multiply(convolved.image, inverse)),
+                                   variance=frozen(np.multiply(convolved.variance, inverse2)),
+                                   psf=template.psf)
+        mask, planes = merge_masks(matched, template.mask, template.mask_planes)
+        image = np.multiply(template.image, inverse)
+        np.subtract(matched.image, image, out=image)
+        variance = np.multiply(template.variance, inverse2, out=inverse2)
+        variance += matched.variance
+        return _RawDifference(image=image, variance=variance, mask=mask, planes=planes,
+                              like=science, matched=matched, inverse_ksum=inverse,
+                              psf=template.psf)
 
     @staticmethod
     def _kernel_sources_table(fit: _KernelFit) -> Table:
@@ -677,94 +996,4 @@ class AlSubtraction(PsfMatchSubtraction):
         KernelConditionError
             If the spatial system is ill-conditioned (``check_condition_number``).
         """
-        config = self.config
-        timings: dict[str, dict[str, float]] = {}
-        prepared = self._prepare(science, template, timings)
-        science_p, template_p = prepared.science, prepared.template
-        mode = config.mode
-        if mode == "auto":
-            tx, ty = psf_axis_fwhms(template_p)
-            sx, sy = psf_axis_fwhms(science_p)
-            mode = "convolveTemplate" if (tx <= sx or ty <= sy) else "convolveScience"
-        convolve_template = mode == "convolveTemplate"
-        convolved, matched_to = ((template_p, science_p) if convolve_template
-                                 else (science_p, template_p))
-        fwhm_c, fwhm_m = ((prepared.fwhm_template, prepared.fwhm_science) if convolve_template
-                          else (prepared.fwhm_science, prepared.fwhm_template))
-        basis = self.kernel_basis.run(target_fwhm=fwhm_c, reference_fwhm=fwhm_m)
-        fit = self._fit_kernel(convolved, matched_to, science=science_p, template=template_p,
-                               basis=basis, sources=sources,
-                               fwhm_science=prepared.fwhm_science,
-                               fwhm_template=prepared.fwhm_template,
-                               coverage=prepared.coverage, timings=timings)
-        kernel = fit.kernel
-        with self._stage("convolve", timings):
-            science_c, template_c = mask_hygiene(
-                science_p, template_p,
-                preserve_template_planes=config.preserve_template_planes)
-            raw = self._raw_difference(science_c, template_c, kernel, convolve_template)
-            matched = raw.matched
-            difference, background, bg_coefficients = self._difference(
-                fit, raw, science=science_p, template=template_p)
-            del raw
-        metadata: dict[str, Any] = {
-            "mode": mode,
-            "template_coverage": prepared.coverage,
-            "variance_scale_science": prepared.variance_factors[0],
-            "variance_scale_template": prepared.variance_factors[1],
-            "fwhm_science": prepared.fwhm_science,
-            "fwhm_template": prepared.fwhm_template,
-            **prepared.psf_metadata,
-            **self._fit_metadata(fit),
-            "background_coefficients": [float(c) for c in bg_coefficients],
-        }
-        result = skydiff.SubtractionResult(
-            difference=difference, matched_image=matched, kernel=kernel, background=background,
-            kernel_sources=self._kernel_sources_table(fit),
-            convolved="template" if convolve_template else "science", metadata=metadata)
-        with self._stage("decorrelate", timings):
-            decorrelated = self.decorrelation.run(science_c, template_c, result)
-        metadata["decorrelation"] = dict(decorrelated.metadata)
-        metadata["timing"] = timings
-        return attrs.evolve(result, difference=decorrelated.difference,
-                            score=decorrelated.score, metadata=metadata)
-
-    def _raw_difference(self, science: skydiff.Exposure, template: skydiff.Exposure,
-                        kernel: skydiff.BasisKernel, convolve_template: bool) -> _RawDifference:
-        r"""The difference before background removal and the matched image.
-
-        ``convolveTemplate``: :math:`S - \kappa\otimes T`, variance
-        :math:`V_S + \kappa^2\otimes V_T`, science PSF. ``convolveScience``:
-        :math:`(\kappa\otimes S - T)/k`, variance :math:`(\kappa^2\otimes V_S + V_T)/k^2`,
-        template PSF, with :math:`k(x, y) = \sum\kappa(x, y)` (``inverse_ksum`` holds
-        :math:`1/k`). Each plane is computed once into a new array.
-        """
-        if convolve_template:
-            matched = skydiff.convolve(template, kernel, preserve_planes=())
-            # three independent planes, computed in parallel threads
-            image, variance, (mask, planes) = parallel_map(lambda plane: plane(), (
-                lambda: np.subtract(science.image, matched.image),
-                lambda: np.add(science.variance, matched.variance),
-                lambda: merge_masks(science, matched.mask, matched.mask_planes)))
-            return _RawDifference(image=image, variance=variance, mask=mask, planes=planes,
-                                  like=science, matched=matched)
-        convolved = skydiff.convolve(science, kernel, preserve_planes=())
-        inverse = spatial_image(kernel.spatial_images().sum(axis=(1, 2)), order=kernel.order,
-                                bbox=kernel.bbox, kind=kernel.kind, shape=science.shape,
-                                origin=science.origin)
-        if not np.all(inverse > 0):
-            msg = "the PSF-matching kernel sum is not positive everywhere; cannot normalise"
-            raise skydiff.NoKernelCandidatesError(msg)
-        np.reciprocal(inverse, out=inverse)
-        inverse2 = np.square(inverse)
-        matched = convolved.evolve(image=frozen(np.multiply(convolved.image, inverse)),
-                                   variance=frozen(np.multiply(convolved.variance, inverse2)),
-                                   psf=template.psf)
-        mask, planes = merge_masks(matched, template.mask, template.mask_planes)
-        image = np.multiply(template.image, inverse)
-        np.subtract(matched.image, image, out=image)
-        variance = np.multiply(template.variance, inverse2, out=inverse2)
-        variance += matched.variance
-        return _RawDifference(image=image, variance=variance, mask=mask, planes=planes,
-                              like=science, matched=matched, inverse_ksum=inverse,
-                              psf=template.psf)
+        return self._subtract_matched(science, template, sources=sources)

@@ -23,6 +23,14 @@ A port of ``lsst.ip.diffim``'s ``AlardLuptonPreconvolveSubtractTask`` (ipdiffim 
 The result's ``difference`` is :math:`S_0` (as returned by the decorrelator), ``score`` the
 corrected score, ``prefilter`` :math:`H`, ``matched_image`` :math:`\kappa\otimes T`.
 
+With ``kernel_source = "model_psf"`` step 3 uses the PSF models instead of stars: the
+template's PSF model :math:`P_T` is matched to the pre-filtered science PSF
+:math:`P_S(x, y)\otimes H` on a grid of positions by the ``model_psf`` solver
+(:meth:`._al.PsfMatchSubtraction._fit_model_kernel`, settings ``psf_models``) and scaled to
+the photometric ratio of the images. The rest is unchanged. This works on fields with too
+few stars for the star fit; on a star field the two score images differ by a fifth of the
+score noise (the star fit's own noise and bias).
+
 References
 ----------
 .. [1] Reiss, D. J. et al. 2021, DMTN-179, "Image differencing and decorrelation: numerical
@@ -38,14 +46,25 @@ from typing import Any
 
 import attrs
 import numpy as np
+import scipy.signal
 from astropy.table import Table
 
 import skydiff
 
 from ._al import PsfMatchConfig, PsfMatchSubtraction, _RawDifference
 from ._common import frozen, mask_hygiene, merge_masks
+from ._model_kernel import PsfImage, PsfModelsConfig
 
-__all__ = ["AlPreconvolveConfig", "AlPreconvolveSubtraction", "prefilter_kernel"]
+__all__ = ["AlPreconvolveConfig", "AlPreconvolveSubtraction", "prefilter_kernel",
+           "prefiltered_psf"]
+
+
+_KERNEL_SOURCES = {
+    "stars": "fit on stamps around stars of the pre-filtered science "
+             "(AlardLuptonPreconvolveSubtractTask)",
+    "model_psf": "match the template's PSF model to the pre-filtered science PSF P_S⊗H on a "
+                 "grid of positions (the model_psf solver); for star-poor fields",
+}
 
 
 @skydiff.configclass
@@ -55,12 +74,24 @@ class AlPreconvolveConfig(PsfMatchConfig):
     decorrelation: Any = skydiff.RegistryField(
         "decorrelation", default="score",
         doc="Turns the pre-filtered difference into the score image (DMTN-179).")
+    kernel_source: str = skydiff.ChoiceField(
+        "stars", allowed=_KERNEL_SOURCES, doc="Where the matching kernel comes from.")
+    psf_models: PsfModelsConfig = skydiff.ConfigField(
+        PsfModelsConfig, doc="PSF candidates and photometric scale with kernel_source = "
+                             "'model_psf' (the star-fit settings are then unused).")
     interpolate_planes: tuple[str, ...] = skydiff.ListField(
         ("BAD", "SAT", "CR", "NO_DATA", "SUSPECT"), dtype=str,
         doc="Science pixels with these planes are replaced by the local sky before "
             "pre-filtering (they stay flagged, dilated by the pre-filter).")
     background_bin_size: int = skydiff.RangeField(
         64, min=4, doc="Bin size (pixels) of the sky mesh that fills bad science pixels.")
+
+    def _validate(self) -> None:
+        if (self.kernel_source == "model_psf" and self.fit_background
+                and self.background_method == "kernel_fit"):
+            msg = ("background_method = 'kernel_fit' needs kernel_source = 'stars': the PSF "
+                   "models carry no background; use background_method = 'sky'")
+            raise skydiff.ConfigError(msg)
 
 
 def prefilter_kernel(science: skydiff.Exposure) -> np.ndarray:
@@ -89,6 +120,34 @@ def prefilter_kernel(science: skydiff.Exposure) -> np.ndarray:
     return np.ascontiguousarray(image[::-1, ::-1] / total)
 
 
+def prefiltered_psf(science: skydiff.Exposure, prefilter: np.ndarray) -> PsfImage:
+    r"""The PSF of the pre-filtered science image at a position: :math:`P_S(x, y)\otimes H`.
+
+    Parameters
+    ----------
+    science : skydiff.Exposure
+        The science exposure (with a PSF).
+    prefilter : ndarray of shape (P, P)
+        :math:`H` (:func:`prefilter_kernel`).
+
+    Returns
+    -------
+    callable
+        ``(x, y) -> image`` (parent coordinates), of side :math:`s + P - 1`.
+    """
+    psf = science.psf
+    if psf is None:
+        msg = "the pre-convolution path needs a science PSF"
+        raise skydiff.InputError(msg)
+    kernel_image = psf.kernel_image
+
+    def image(x: float, y: float) -> np.ndarray:
+        return np.asarray(scipy.signal.fftconvolve(
+            np.asarray(kernel_image(x, y), dtype=np.float64), prefilter, mode="full"))
+
+    return image
+
+
 class AlPreconvolveSubtraction(PsfMatchSubtraction):
     r"""Alard–Lupton subtraction against the PSF-filtered science image (score image).
 
@@ -105,6 +164,9 @@ class AlPreconvolveSubtraction(PsfMatchSubtraction):
 
     Notes
     -----
+    ``kernel_source = "model_psf"`` takes the kernel from the PSF models (module notes);
+    upstream has no such option.
+
     Deviations from ``lsst.ip.diffim``: bad science pixels are filled with the local sky
     instead of the global median; kernel sources are detected on the unfiltered science and
     kept :math:`K + P/2` (not :math:`2K`) from the edges, the distance the stamps actually
@@ -132,7 +194,8 @@ class AlPreconvolveSubtraction(PsfMatchSubtraction):
         template : skydiff.Exposure
             The template on the science pixel grid.
         sources : astropy.table.Table, optional
-            Kernel source candidates (``x``, ``y``: 0-based column and row).
+            Kernel source candidates (``x``, ``y``: 0-based column and row); with
+            ``kernel_source = "model_psf"`` the stars of the photometric scale.
 
         Returns
         -------
@@ -158,12 +221,22 @@ class AlPreconvolveSubtraction(PsfMatchSubtraction):
         fwhm_filtered = math.sqrt(2.0) * prepared.fwhm_science
         basis = self.kernel_basis.run(target_fwhm=prepared.fwhm_template,
                                       reference_fwhm=fwhm_filtered)
-        fit = self._fit_kernel(template_p, filtered, science=science_p, template=template_p,
-                               basis=basis, sources=sources,
-                               fwhm_science=prepared.fwhm_science,
-                               fwhm_template=prepared.fwhm_template,
-                               coverage=prepared.coverage, timings=timings,
-                               margin=prefilter.shape[0] // 2, mask_exposure=filtered)
+        if config.kernel_source == "model_psf":
+            fit, fit_metadata = self._fit_model_kernel(
+                template_p, filtered, settings=config.psf_models, basis=basis,
+                science=science_p, template=template_p, sources=sources,
+                fwhm_science=prepared.fwhm_science, fwhm_template=prepared.fwhm_template,
+                coverage=prepared.coverage, timings=timings,
+                reference_psf=prefiltered_psf(science_p, prefilter),
+                margin=prefilter.shape[0] // 2, mask_exposure=filtered)
+        else:
+            fit = self._fit_kernel(template_p, filtered, science=science_p,
+                                   template=template_p, basis=basis, sources=sources,
+                                   fwhm_science=prepared.fwhm_science,
+                                   fwhm_template=prepared.fwhm_template,
+                                   coverage=prepared.coverage, timings=timings,
+                                   margin=prefilter.shape[0] // 2, mask_exposure=filtered)
+            fit_metadata = {"kernel_source": "stars", **self._fit_metadata(fit)}
         kernel = fit.kernel
         with self._stage("convolve", timings):
             filtered_c, template_c = mask_hygiene(
@@ -188,7 +261,7 @@ class AlPreconvolveSubtraction(PsfMatchSubtraction):
             "fwhm_prefiltered": fwhm_filtered,
             "prefilter_size": int(prefilter.shape[0]),
             **prepared.psf_metadata,
-            **self._fit_metadata(fit),
+            **fit_metadata,
             "background_coefficients": [float(c) for c in bg_coefficients],
         }
         raw = skydiff.SubtractionResult(

@@ -1015,7 +1015,8 @@ class Regularization:
         return 10.0**values if self.lambda_step_type == "log" else values
 
     def matrix_for(self, n_parameters: int, n_basis: int) -> NDArray[np.float64]:
-        """:math:`H` padded to ``n_parameters`` (background row/column zero)."""
+        """:math:`H` padded to ``n_parameters`` (background row/column zero), or without its
+        background row/column for a fit without background."""
         h = self.matrix
         if h.shape[0] == n_parameters:
             return h
@@ -1023,6 +1024,8 @@ class Regularization:
             out = np.zeros((n_parameters, n_parameters))
             out[:n_basis, :n_basis] = h
             return out
+        if h.shape[0] == n_basis + 1 and n_parameters == n_basis:
+            return np.ascontiguousarray(h[:n_basis, :n_basis])
         msg = f"regularization matrix {h.shape} does not fit {n_parameters} parameters"
         raise ValueError(msg)
 

@@ -1,4 +1,5 @@
-r"""skydiff-example: a third-party skydiff plugin providing the ``pixel_stats`` metric.
+r"""skydiff-example: a third-party skydiff plugin: the ``pixel_stats`` metric and the
+``box_flux`` measurement.
 
 The metric summarises how well a difference image is explained by its noise model. With
 :math:`z = D / \sqrt{V}` the difference normalised by its variance plane over the usable
@@ -13,6 +14,11 @@ pixels (no excluded mask plane set, finite, positive variance), it reports
     default): real variability, artefacts or bad subtraction;
 ``n_pixels``
     the number of usable pixels.
+
+The ``box_flux`` measurement adds three columns to the diaSource catalog of the ``detect``
+step: ``box_flux``, the sum of the difference over a square box centred on each source,
+``box_flux_err`` (the square root of the summed variance) and ``box_flux_flag`` (the box
+leaves the image or holds an excluded pixel).
 
 The plugin registers itself through the ``skydiff.plugins`` entry point ``example`` of this
 distribution, exactly as any third-party plugin does.
@@ -41,7 +47,8 @@ try:
 except PackageNotFoundError:  # imported from the source tree without being installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["PixelStats", "PixelStatsConfig", "robust_mean_std", "skydiff_register_algorithms"]
+__all__ = ["BoxFlux", "BoxFluxConfig", "PixelStats", "PixelStatsConfig", "robust_mean_std",
+           "skydiff_register_algorithms"]
 
 #: 1 / Φ⁻¹(3/4): converts a median absolute deviation into a Gaussian standard deviation.
 _MAD_TO_SIGMA = 1.4826
@@ -168,7 +175,76 @@ class PixelStats(skydiff.Metric):
             metadata={"n_clipped": n_pixels - n_kept, "excluded_planes": list(planes)})
 
 
+@skydiff.configclass
+class BoxFluxConfig(skydiff.Config):
+    """Options of the ``box_flux`` measurement."""
+
+    half_size: int = skydiff.RangeField(
+        3, min=0, max=50, doc="Half side of the box in pixels: the box has 2 * half_size + 1 "
+                              "pixels on a side.")
+    bad_mask_planes: tuple[str, ...] = skydiff.ListField(
+        ("BAD", "SAT", "NO_DATA", "EDGE"), dtype=str,
+        doc="Mask planes that flag a source when one of their pixels is inside its box.")
+
+
+class BoxFlux(skydiff.Measurement):
+    r"""Flux in a square box: :math:`F = \sum_{box} D`, :math:`\sigma_F^2 = \sum_{box} V`.
+
+    The box is centred on the pixel nearest to each source's ``(x, y)``. Sources whose box
+    leaves the image or holds a pixel of an excluded mask plane get NaN and
+    ``box_flux_flag``.
+
+    Raises
+    ------
+    skydiff.errors.InputError
+        If ``inputs`` is not a :class:`~skydiff.MeasurementInputs` with a difference
+        :class:`~skydiff.Exposure` and a catalog with ``x`` and ``y``.
+    """
+
+    name = "box_flux"
+    ConfigClass = BoxFluxConfig
+    order = 2.0
+
+    def run(self, inputs: skydiff.MeasurementInputs) -> skydiff.MeasurementResult:
+        from astropy.table import Table
+
+        if not isinstance(inputs, skydiff.MeasurementInputs):
+            msg = f"box_flux needs a skydiff.MeasurementInputs, got {type(inputs).__name__}"
+            raise InputError(msg)
+        difference = inputs.difference
+        if not isinstance(difference, skydiff.Exposure):
+            msg = f"box_flux needs the difference as an Exposure, got {type(difference).__name__}"
+            raise InputError(msg)
+        catalog = inputs.catalog
+        if not isinstance(catalog, Table) or not {"x", "y"} <= set(catalog.colnames):
+            msg = "box_flux needs the catalog as an astropy Table with columns x and y"
+            raise InputError(msg)
+        half = self.config.half_size
+        x = np.asarray(catalog["x"], dtype=np.float64)
+        y = np.asarray(catalog["y"], dtype=np.float64)
+        finite = np.isfinite(x) & np.isfinite(y)
+        cols = np.where(finite, np.floor(x + 0.5), -1e9).astype(np.int64)
+        rows = np.where(finite, np.floor(y + 0.5), -1e9).astype(np.int64)
+        height, width = difference.shape
+        inside = ((rows - half >= 0) & (rows + half < height)
+                  & (cols - half >= 0) & (cols + half < width))
+        offsets = np.arange(-half, half + 1)
+        r = np.clip(rows[:, None, None] + offsets[None, :, None], 0, height - 1)
+        c = np.clip(cols[:, None, None] + offsets[None, None, :], 0, width - 1)
+        planes = [p for p in self.config.bad_mask_planes if p in difference.mask_planes.names]
+        bad = difference.masked(*planes)[r, c].any(axis=(1, 2)) if planes else False
+        flag = ~inside | bad
+        flux = difference.image[r, c].astype(np.float64).sum(axis=(1, 2))
+        error = np.sqrt(difference.variance[r, c].astype(np.float64).sum(axis=(1, 2)))
+        columns = Table({"box_flux": np.where(flag, np.nan, flux),
+                         "box_flux_err": np.where(flag, np.nan, error),
+                         "box_flux_flag": np.asarray(flag, dtype=bool)})
+        return skydiff.MeasurementResult(columns=columns,
+                                         metadata={"n_flagged": int(np.count_nonzero(flag))})
+
+
 @skydiff.hookimpl
 def skydiff_register_algorithms(registries: skydiff.Registries) -> None:
-    """Register the ``pixel_stats`` metric."""
+    """Register the ``pixel_stats`` metric and the ``box_flux`` measurement."""
     registries.metric.add(PixelStats)
+    registries.measurement.add(BoxFlux)

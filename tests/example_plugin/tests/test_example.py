@@ -40,7 +40,7 @@ if not _discovered():
 
 import skydiff_example  # noqa: E402 - only importable when installed
 
-PLUGIN_REFERENCES = ["metric:pixel_stats"]
+PLUGIN_REFERENCES = ["metric:pixel_stats", "measurement:box_flux"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def test_discovered_through_the_entry_point() -> None:
     records = {record.name: record for record in skydiff.get_manager().plugins()}
     record = records["example"]
     assert (record.distribution, record.version) == ("skydiff-example", version)
-    assert dict(record.algorithms) == {"metric": ("pixel_stats",)}
+    assert dict(record.algorithms) == {"measurement": ("box_flux",), "metric": ("pixel_stats",)}
     info = skydiff.get_registries().metric["pixel_stats"]
     assert info.target is skydiff_example.PixelStats
     assert (info.provider, info.distribution, info.version) == (
@@ -182,3 +182,36 @@ def test_everything_masked_is_an_algorithm_error() -> None:
 def test_missing_difference_is_an_input_error() -> None:
     with pytest.raises(skydiff.InputError):
         skydiff_example.PixelStats().run(skydiff.MetricInputs())
+
+
+# ------------------------------------------------------------------------------------------
+# the measurement plugin inside the detect step
+
+
+def test_box_flux_adds_its_columns_to_the_pipeline_catalog() -> None:
+    """Selected by name next to the built-ins, box_flux adds its three columns to the catalog.
+
+    One Gaussian source of flux 5000 (sigma 1.5 px) on unit-variance noise: a 9 x 9 box holds
+    all but 1e-3 of its flux, so box_flux = 5000 within 3 sigma = 3 * 9 = 27 (+ 5 of
+    truncation), with box_flux_err = 9 exactly.
+    """
+    rng = np.random.default_rng(5)
+    shape = (96, 96)
+    rows, cols = np.indices(shape)
+    sigma = 1.5
+    source = 5000.0 * np.exp(-((rows - 40.2) ** 2 + (cols - 51.7) ** 2) / (2 * sigma**2))
+    source /= 2 * np.pi * sigma**2
+    difference = skydiff.Exposure(source + rng.normal(0.0, 1.0, shape),
+                                  variance=np.ones(shape), psf=skydiff.GaussianPsf(sigma))
+    config = skydiff.DetectAndMeasureConfig()
+    config.measurement.names = ["centroid", "psf_flux", "box_flux"]
+    config.measurement["box_flux"].half_size = 4
+    config.dipole_classifier.names = []
+    config.n_sky_sources = 0
+    catalog = skydiff.detect_and_measure(difference, config=config).catalog
+    assert {"box_flux", "box_flux_err", "box_flux_flag"} <= set(catalog.colnames)
+    (row,) = catalog[np.hypot(catalog["x"] - 51.7, catalog["y"] - 40.2) < 1.0]
+    assert not row["box_flux_flag"]
+    assert row["box_flux_err"] == pytest.approx(9.0)
+    assert row["box_flux"] == pytest.approx(5000.0, abs=3 * 9.0 + 5.0)
+    assert row["psf_flux"] == pytest.approx(row["box_flux"], rel=0.02)

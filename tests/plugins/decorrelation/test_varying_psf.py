@@ -288,6 +288,32 @@ def test_compact_filter(sigma_kernel: float, svar: float, tvar: float) -> None:
     assert correction.compact_filter(max_half=compact.half // 4 - 1) is None
 
 
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_large_grid_spectra_equal_padded_rfft2(dtype: type) -> None:
+    """Above the small-grid size the spectra come from matrix products: same values."""
+    rng = np.random.default_rng(13)
+    shape = (1030, 1041)
+    assert shape[0] * shape[1] > _math._PARALLEL_SIZE
+    image = rng.normal(size=(21, 15))
+    padded = np.zeros(shape)
+    padded[:21, :15] = image
+    expected = np.fft.rfft2(np.roll(padded, (-10, -7), axis=(0, 1)))
+    tolerance = (3e-7 if dtype == np.complex64 else 1e-14) * np.abs(image).sum()
+    for rows in (slice(None), slice(300, 556)):
+        spectrum = _math.centered_spectrum(image, shape, dtype=dtype, rows=rows)
+        assert spectrum.dtype == dtype
+        np.testing.assert_allclose(spectrum, expected[rows], rtol=0, atol=tolerance)
+    # the compact filter's real spectrum, applied by blocks of rows
+    stamp = rng.normal(size=(15, 15))
+    stamp = 0.5 * (stamp + stamp[::-1, ::-1])  # point-symmetric: a real spectrum
+    data = (rng.normal(size=expected.shape) + 1j * rng.normal(size=expected.shape))
+    filtered = data.astype(np.complex64)
+    _math._apply_even_filter(filtered, stamp, shape[1], 0.5)
+    reference = data * 0.5 * _math.centered_spectrum(stamp, shape, dtype=np.complex128).real
+    np.testing.assert_allclose(filtered, reference, rtol=0,
+                               atol=3e-6 * np.abs(stamp).sum() * np.abs(data).max())
+
+
 @pytest.mark.parametrize("with_bad", [False, True])
 def test_compact_and_exact_paths_agree(with_bad: bool) -> None:
     """The compact filter changes the result by no more than float32 rounding."""

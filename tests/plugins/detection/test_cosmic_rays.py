@@ -1,0 +1,269 @@
+"""Cosmic-ray masking and rejection in the ``threshold`` detector."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import skydiff
+from skydiff.sim import render_stars, simulate_pair
+from skydiff_plugins.detection import ThresholdDetector, ThresholdDetectorConfig
+from skydiff_plugins.detection._cosmic_rays import find_cosmic_rays, remove_from_significance
+from skydiff_plugins.detection._significance import matched_filter
+
+SHAPE = (512, 512)
+
+
+def _stars_and_hits(fwhm: float) -> tuple[skydiff.Exposure, dict[str, np.ndarray]]:
+    """PSF stars over three decades of flux plus single-pixel hits between them.
+
+    Unit sky noise plus the stars' own photon noise (gain 1): variance = 1 + model. The
+    stars' peak S/N runs from ~15 to ~3000; the hits have 15 to 100 sigma.
+    """
+    rng = np.random.default_rng(31)
+    yy, xx = np.mgrid[24:SHAPE[0] - 24:48, 24:SHAPE[1] - 24:48]
+    x = xx.ravel() + rng.uniform(-0.5, 0.5, xx.size)
+    y = yy.ravel() + rng.uniform(-0.5, 0.5, yy.size)
+    flux = 10 ** rng.uniform(2.5, 5.5, x.size)
+    model = render_stars(SHAPE, x, y, flux, fwhm=fwhm)
+    variance = (1.0 + model).astype(np.float32)
+    image = (model + rng.standard_normal(SHAPE) * np.sqrt(variance)).astype(np.float32)
+    hit_x = rng.integers(5, SHAPE[1] - 5, 200)
+    hit_y = rng.integers(5, SHAPE[0] - 5, 200)
+    far = np.min(np.hypot(hit_x[:, None] - x, hit_y[:, None] - y), axis=1) > 12
+    hit_x, hit_y = hit_x[far], hit_y[far]
+    amplitude = rng.uniform(15.0, 100.0, hit_x.size)
+    np.add.at(image, (hit_y, hit_x), amplitude.astype(np.float32))
+    exposure = skydiff.Exposure(image, variance=variance,
+                                psf=skydiff.GaussianPsf.from_fwhm(fwhm))
+    return exposure, {"x": x, "y": y, "hit_x": hit_x, "hit_y": hit_y}
+
+
+@pytest.mark.parametrize("fwhm", [1.5, 2.0, 3.0, 5.0])
+def test_single_pixel_hits_are_found_and_stars_are_not(helpers: Any, fwhm: float) -> None:
+    # Condition 3 of findCosmicRays flags a pixel only when its neighbours are below
+    # f = 0.6 times the PSF's neighbour-to-centre ratio (with a 2.5-sigma allowance), so a
+    # star needs a > 2.5-sigma fluctuation of both its peak and its neighbours' mean to be
+    # flagged, and the S/N cut (8 sigma of excess per cosmic ray) removes single noise
+    # pixels: no flagged pixel is expected near a star or in the sky. A hit of >= 15 sigma
+    # exceeds its neighbours by far more than a PSF (of FWHM >= 1.5) allows: all are found.
+    exposure, truth = _stars_and_hits(fwhm)
+    result = ThresholdDetector().run(exposure)
+    rays = result.cosmic_rays
+    assert rays is not None and rays.dtype == bool and rays.shape == SHAPE
+    hit_x, hit_y = truth["hit_x"], truth["hit_y"]
+    assert hit_x.size > 150
+    assert rays[hit_y, hit_x].all()
+    hits = np.zeros(SHAPE, bool)
+    hits[hit_y, hit_x] = True
+    # growing (3 passes) may add neighbouring pixels of a hit, nothing farther
+    assert not np.any(rays & ~ndimage.binary_dilation(hits, iterations=3))
+    rows, cols = np.nonzero(rays)
+    star_distance = np.min(np.hypot(cols[:, None] - truth["x"], rows[:, None] - truth["y"]),
+                           axis=1)
+    assert star_distance.min() > 8.0  # no star pixel flagged
+    assert result.metadata["n_cosmic_rays"] == int(rays.sum())
+    # every star is detected, once, and no hit is
+    assert len(result.catalog) == truth["x"].size
+    assert np.all(helpers.match(result.catalog, truth["x"], truth["y"]) >= 0)
+    assert np.all(helpers.match(result.catalog, hit_x, hit_y, radius=1.5) < 0)
+    # without the cosmic-ray search the isolated hits are detections (the others merge with
+    # the footprints of bright stars)
+    plain = ThresholdDetector(ThresholdDetectorConfig(find_cosmic_rays=False)).run(exposure)
+    assert plain.cosmic_rays is None
+    hit_detections = int(np.sum(helpers.match(plain.catalog, hit_x, hit_y, radius=1.5) >= 0))
+    assert hit_detections > 20
+    # every hit above the threshold was taken out of the detection image
+    assert hit_detections <= result.metadata["n_rejected_cosmic_rays"] <= hit_x.size
+    # masking without rejecting keeps those detections
+    kept = ThresholdDetector(ThresholdDetectorConfig(reject_cosmic_rays=False)).run(exposure)
+    assert kept.cosmic_rays is not None and np.array_equal(kept.cosmic_rays, rays)
+    assert kept.metadata["n_rejected_cosmic_rays"] == 0
+    assert len(kept.catalog) == len(plain.catalog)
+
+
+def test_real_source_under_a_cosmic_ray_is_kept(helpers: Any) -> None:
+    # a transient of S/N 30 with a 60-sigma hit on a pixel of its wing: the hit is masked,
+    # the source stays, at its own position, with about its own significance
+    flux = helpers.optimal_flux(30.0)
+    exposure = helpers.make_difference((128, 128), seed=41, x=[64.0], y=[64.0], flux=[flux])
+    image = exposure.image.copy()
+    image[66, 67] += 60.0
+    result = ThresholdDetector().run(exposure.evolve(image=image))
+    assert result.cosmic_rays is not None and result.cosmic_rays[66, 67]
+    assert len(result.catalog) == 1
+    row = result.catalog[0]
+    assert abs(row["x"] - 64) <= 1 and abs(row["y"] - 64) <= 1
+    clean = ThresholdDetector().run(exposure).catalog[0]
+    # the replacement value (mean of the neighbours) differs from the true wing value by
+    # ~1 sigma of one pixel: ~0.1 in significance
+    assert row["significance"] == pytest.approx(clean["significance"], abs=1.0)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_cosmic_rays_of_a_simulated_difference(seed: int) -> None:
+    # A simulated pair (80 stars, 3 transients, 15 cosmic-ray tracks of 1-8 pixels of
+    # 300-3000 ADU on the science image); the template (FWHM 2) is matched to the science
+    # (FWHM 3) with the exact Gaussian kernel. The science image's CR mask plane is the
+    # truth: the tracks are found, the star residuals are not, and no track is a detection.
+    pair = simulate_pair(shape=(256, 256), n_stars=80, n_transients=3, flux_min=2e3,
+                         flux_max=2e5, seed=seed,
+                         science={"fwhm": 3.0, "n_cosmic_rays": 15}, template={"fwhm": 2.0})
+    science, template = pair.science, pair.template
+    assert science.psf is not None and template.psf is not None
+    fwhm_per_sigma = 2.0 * math.sqrt(2.0 * math.log(2.0))
+    sigma = math.sqrt(science.psf.fwhm() ** 2 - template.psf.fwhm() ** 2) / fwhm_per_sigma
+    matched = skydiff.convolve(template, skydiff.GaussianPsf(sigma).kernel_image())
+    difference = science.evolve(image=science.image - matched.image,
+                                variance=science.variance + matched.variance,
+                                mask=science.mask | matched.mask)
+    truth = science.masked("CR")
+    result = ThresholdDetector().run(difference)
+    rays = result.cosmic_rays
+    assert rays is not None
+    recall = np.count_nonzero(rays & truth) / np.count_nonzero(truth)
+    assert recall >= 0.95, recall  # measured 0.97-1.0
+    assert not np.any(rays & ~ndimage.binary_dilation(truth, np.ones((3, 3), bool)))
+    catalog = result.catalog
+    rows, cols = np.nonzero(truth)
+    if len(catalog):
+        distance = np.hypot(np.asarray(catalog["x"])[:, None] - cols,
+                            np.asarray(catalog["y"])[:, None] - rows)
+        assert distance.min() > 2.0
+    transients = pair.truth[pair.truth["kind"] == "transient"]
+    matches = np.hypot(np.asarray(catalog["x"])[:, None] - np.asarray(transients["x"]),
+                       np.asarray(catalog["y"])[:, None] - np.asarray(transients["y"]))
+    assert np.all(matches.min(axis=0) <= 2.0)  # every transient is detected
+    assert result.metadata["n_rejected_cosmic_rays"] >= 10
+
+
+def test_removal_equals_filtering_the_cleaned_image(helpers: Any) -> None:
+    # Differential test of the sparse correction: removing the cosmic rays from the
+    # significance must equal the matched filter of the image whose cosmic-ray pixels were
+    # replaced by the mean of their other neighbours (float32 round-off only).
+    exposure = helpers.make_difference((96, 96), seed=51, x=[40.0], y=[50.0],
+                                       flux=[helpers.optimal_flux(20.0)])
+    image = exposure.image.copy()
+    image[10, 10] += 40.0
+    image[60:63, 70] += 30.0  # a short vertical track
+    image[52, 42] += 50.0  # on the source's wing
+    kernel = exposure.psf.kernel_image() if exposure.psf is not None else None
+    assert kernel is not None
+    rays = find_cosmic_rays(image, exposure.variance, None, kernel, min_sigma=6.0,
+                            cond3_fac=2.5, cond3_fac2=0.6, n_iter=3, min_snr=8.0)
+    assert {(10, 10), (60, 70), (61, 70), (62, 70), (52, 42)} <= {
+        tuple(int(v) for v in divmod(p, 96)) for p in rays.pixels}
+    significance, noise, _ = matched_filter(image.copy(), exposure.variance, None, kernel)
+    remove_from_significance(rays, significance, noise, kernel)
+    cleaned = image.copy()
+    cleaned.reshape(-1)[rays.pixels] -= rays.excess.astype(np.float32)
+    expected, _, _ = matched_filter(cleaned, exposure.variance, None, kernel)
+    assert np.allclose(significance, expected, atol=2e-4)
+
+
+def _negated(exposure: skydiff.Exposure) -> skydiff.Exposure:
+    return exposure.evolve(image=-exposure.image)
+
+
+@pytest.mark.parametrize("fwhm", [1.5, 3.0, 5.0])
+def test_negative_hits_with_both_polarities(helpers: Any, fwhm: float) -> None:
+    # The stars-and-hits image negated: fading stars (|S/N| up to ~3000) and negative
+    # single-pixel hits (-15 to -100 sigma), e.g. the cosmic rays of an unconvolved template.
+    # cr_polarity = "both" applies the same criteria to the negated image, so the expected
+    # result is the mirror of the positive test: every hit found, no star pixel, no noise
+    # pixel. With the default ("positive", as findCosmicRays) nothing is flagged and the
+    # hits stay negative detections.
+    exposure, truth = _stars_and_hits(fwhm)
+    negative = _negated(exposure)
+    hit_x, hit_y = truth["hit_x"], truth["hit_y"]
+    result = ThresholdDetector(ThresholdDetectorConfig(cr_polarity="both")).run(negative)
+    rays = result.cosmic_rays
+    assert rays is not None
+    assert rays[hit_y, hit_x].all()
+    hits = np.zeros(SHAPE, bool)
+    hits[hit_y, hit_x] = True
+    assert not np.any(rays & ~ndimage.binary_dilation(hits, iterations=3))
+    # the same pixels as the positive search on the positive image
+    positive = ThresholdDetector().run(exposure).cosmic_rays
+    assert positive is not None and np.array_equal(rays, positive)
+    assert len(result.catalog) == truth["x"].size
+    assert np.all(result.catalog["is_negative"])
+    assert np.all(helpers.match(result.catalog, hit_x, hit_y, radius=1.5) < 0)
+    assert result.metadata["n_rejected_cosmic_rays"] > 20
+    plain = ThresholdDetector().run(negative)
+    assert plain.metadata["n_cosmic_rays"] == 0
+    assert int(np.sum(helpers.match(plain.catalog, hit_x, hit_y, radius=1.5) >= 0)) > 20
+
+
+@pytest.mark.parametrize("seed", [3, 7])
+def test_cosmic_rays_of_an_unconvolved_template(seed: int) -> None:
+    # Science and template with the same PSF (FWHM 3), 15 cosmic-ray tracks each: the
+    # difference science - template holds positive tracks (science) and negative ones
+    # (template). cr_polarity = "both" finds both sets (measured recall 0.97-1.0 over seeds
+    # 3-8; a track pixel next to a track of the other sign is refused by condition 5), and
+    # nothing farther than 2 px from a track (the growing passes can reach 2 px, with or
+    # without condition 5); the default finds only the science's.
+    pair = simulate_pair(shape=(256, 256), n_stars=80, flux_min=2e3, flux_max=2e5, seed=seed,
+                         science={"fwhm": 3.0, "n_cosmic_rays": 15},
+                         template={"fwhm": 3.0, "n_cosmic_rays": 15})
+    science, template = pair.science, pair.template
+    difference = science.evolve(image=science.image - template.image,
+                                variance=science.variance + template.variance,
+                                mask=science.mask | template.mask)
+    science_cr, template_cr = science.masked("CR"), template.masked("CR")
+    near = ndimage.binary_dilation(science_cr | template_cr, np.ones((5, 5), bool))
+    both = ThresholdDetector(ThresholdDetectorConfig(cr_polarity="both")).run(difference)
+    rays = both.cosmic_rays
+    assert rays is not None
+    for truth in (science_cr, template_cr):
+        recall = np.count_nonzero(rays & truth) / np.count_nonzero(truth)
+        assert recall >= 0.95, recall
+    assert not np.any(rays & ~near)
+    assert np.all(difference.image[rays & template_cr] < 0)
+    positive = ThresholdDetector().run(difference).cosmic_rays
+    assert positive is not None
+    assert not np.any(positive & template_cr)
+    assert np.count_nonzero(positive & science_cr) >= 0.95 * np.count_nonzero(science_cr)
+
+
+@pytest.mark.parametrize(("offset", "radius", "polarity", "expected"), [
+    ((0, 2), 2, "positive", set()),  # -10 sigma pixel in the 5 x 5 box: refused
+    ((2, 2), 2, "positive", set()),  # box corner
+    ((0, 3), 2, "positive", {(20, 20)}),  # outside the box
+    ((0, 3), 2, "both", {(20, 20), (20, 23)}),  # two cosmic rays of opposite signs
+    ((0, 2), 2, "both", set()),  # ... which refuse each other when closer
+])
+def test_opposite_sign_pixels_refuse_a_candidate(offset: tuple[int, int], radius: int,
+                                                 polarity: str,
+                                                 expected: set[tuple[int, int]]) -> None:
+    # Condition 5 on a noiseless image (unit variance): a 40-sigma hit at (20, 20) and a
+    # -10-sigma pixel at the given offset. A candidate is refused when a pixel of the box of
+    # half-size cr_opposite_radius around it is below -cr_opposite_sigma (4) sigma, in the
+    # sign of the search.
+    image = np.zeros((40, 40), np.float32)
+    image[20, 20] = 40.0
+    image[20 + offset[0], 20 + offset[1]] = -10.0
+    variance = np.ones_like(image)
+    kernel = skydiff.GaussianPsf.from_fwhm(3.0).kernel_image()
+    rays = find_cosmic_rays(image, variance, None, kernel, min_sigma=6.0, cond3_fac=2.5,
+                            cond3_fac2=0.6, n_iter=3, min_snr=8.0, opposite_sigma=4.0,
+                            opposite_radius=radius, polarity=polarity)
+    found = {(int(r), int(c)) for r, c in zip(*np.divmod(rays.pixels, 40), strict=True)}
+    assert found == expected
+    # the excess keeps the sign of the pixel
+    assert np.array_equal(np.sign(rays.excess), np.sign(image.reshape(-1)[rays.pixels]))
+
+
+def test_unknown_polarity_is_a_config_error() -> None:
+    image = np.zeros((8, 8), np.float32)
+    kernel = skydiff.GaussianPsf.from_fwhm(3.0).kernel_image()
+    with pytest.raises(skydiff.ConfigError, match="polarity"):
+        find_cosmic_rays(image, np.ones_like(image), None, kernel, min_sigma=6.0,
+                         cond3_fac=2.5, cond3_fac2=0.6, n_iter=3, min_snr=8.0,
+                         polarity="negative")
+    with pytest.raises(skydiff.ConfigError):
+        ThresholdDetectorConfig(cr_polarity="negative")
