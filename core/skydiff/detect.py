@@ -25,7 +25,8 @@ the plugins of three roles, in the spirit of ``lsst.ip.diffim``'s ``DetectAndMea
    on: one plugin's failure flags its measurements and never stops the rest.
 4. **Dipole classification** — each ``dipole_classifier`` adds ``is_dipole_<name>`` and
    ``dipole_score_<name>``; ``is_dipole`` is the AND of the selected classifiers' flags
-   (False for sky sources, and everywhere when no classifier is selected).
+   (False for sky sources, and everywhere when no classifier is selected). The ``x``/``y`` of
+   a dipole become the fitted mean centroid of its two lobes (``dipole_x``/``dipole_y``).
 5. **Removal** — rows with any of the ``remove_flagged`` columns True are dropped (upstream's
    ``badSourceFlags``); the remaining rows are renumbered ``1..n`` and the footprint image is
    relabelled to match.
@@ -890,9 +891,27 @@ class DetectAndMeasureTask(Task):
         if not classifiers:
             combined[:] = False
         catalog["is_dipole"] = combined & ~np.asarray(catalog["sky_source"], dtype=bool)
+        self._dipole_positions(catalog)
         self.metadata["classifier_failed"] = failed
         self.metadata["classifier_errors"] = errors
         return catalog
+
+    def _dipole_positions(self, catalog: Table) -> None:
+        """Move the position of each classified dipole to its fitted mean centroid.
+
+        A dipole's peak (and hence its centroid) lies on one lobe; the dipole fit's
+        flux-weighted mean of the two lobes (``dipole_x``, ``dipole_y``) is the position of
+        the source, as upstream's slot centroid switches to the dipole fit.
+        """
+        if not {"dipole_x", "dipole_y"} <= set(catalog.colnames):
+            self.metadata["n_dipole_positions"] = 0
+            return
+        dx = np.asarray(catalog["dipole_x"], dtype=np.float64)
+        dy = np.asarray(catalog["dipole_y"], dtype=np.float64)
+        use = np.asarray(catalog["is_dipole"], dtype=bool) & np.isfinite(dx) & np.isfinite(dy)
+        catalog["x"] = np.where(use, dx, np.asarray(catalog["x"], dtype=np.float64))
+        catalog["y"] = np.where(use, dy, np.asarray(catalog["y"], dtype=np.float64))
+        self.metadata["n_dipole_positions"] = int(np.count_nonzero(use))
 
     def _remove_flagged(self, catalog: Table, labels: np.ndarray
                         ) -> tuple[Table, np.ndarray, dict[str, int]]:

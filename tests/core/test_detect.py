@@ -239,6 +239,12 @@ class FakeDipoleFit(skydiff.Measurement):
         columns = Table({"dipole_sn": np.abs(np.asarray(cat["significance"], dtype=float)),
                          "dipole_separation": np.where(both, 3.0, np.nan),
                          "dipole_orientation": np.where(both, 180.0, np.nan),
+                         "dipole_x": np.where(both, 0.5 * (np.asarray(cat["pos_peak_x"])
+                                                           + np.asarray(cat["neg_peak_x"])),
+                                              np.nan),
+                         "dipole_y": np.where(both, 0.5 * (np.asarray(cat["pos_peak_y"])
+                                                           + np.asarray(cat["neg_peak_y"])),
+                                              np.nan),
                          "dipole_fit_flag": ~both})
         return skydiff.MeasurementResult(columns=columns)
 
@@ -679,6 +685,20 @@ def test_is_dipole_is_the_and_of_the_classifiers() -> None:
     np.testing.assert_array_equal(cat["dipole_score_chi2"], cat["footprint_area"])
     np.testing.assert_array_equal(
         cat["is_dipole"], cat["is_dipole_sn_flux_ratio"] & cat["is_dipole_chi2"])
+
+
+def test_dipoles_are_placed_at_their_mean_centroid() -> None:
+    diff = make_exposure(POSITIVE + NEGATIVE + DIPOLE)
+    result = run(diff, config(n_sky_sources=0))
+    cat = result.catalog
+    dipoles = cat[cat["is_dipole"]]
+    assert len(dipoles) == 1
+    (row,) = dipoles
+    assert (row["x"], row["y"]) == (row["dipole_x"], row["dipole_y"])
+    assert (row["x"], row["y"]) != (row["peak_x"], row["peak_y"])
+    others = cat[~cat["is_dipole"]]
+    assert np.all(np.isnan(others["dipole_x"]))
+    assert result.metadata["n_dipole_positions"] == 1
 
 
 def test_failing_or_absent_classifiers() -> None:

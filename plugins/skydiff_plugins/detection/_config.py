@@ -103,13 +103,13 @@ class ThresholdDetectorConfig(skydiff.Config):
                     "(cosmic rays or hot pixels of an unconvolved template)"},
         doc="Signs of the cosmic rays searched for in the difference image.")
     cr_opposite_sigma: float = skydiff.RangeField(
-        4.0, min=0.0, inclusive_min=False,
-        doc="A cosmic-ray candidate is refused when a pixel of the opposite sign beyond this "
-            "many sigma lies in the box of half-size cr_opposite_radius around it: the lobes "
-            "of a bright, close dipole look sharper than the PSF because the other lobe "
-            "lowers their neighbours.")
+        5.0, min=0.0, inclusive_min=False,
+        doc="A cosmic-ray candidate is refused when the detection image (matched-filter "
+            "significance) falls below -this value (above it for a negative candidate) "
+            "within cr_opposite_radius pixels: next to the other lobe of a bright, close "
+            "dipole a lobe looks sharper than the PSF.")
     cr_opposite_radius: int = skydiff.RangeField(
-        2, min=0, doc="Half-size in pixels of the box searched by cr_opposite_sigma "
+        4, min=0, doc="Half-size in pixels of the box searched by cr_opposite_sigma "
                       "((2r+1) x (2r+1) pixels); 0 disables that test (the plain "
                       "findCosmicRays criteria).")
     cr_skip_planes: tuple[str, ...] = skydiff.ListField(

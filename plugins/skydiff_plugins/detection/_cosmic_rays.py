@@ -20,33 +20,37 @@ the pixel is a cosmic ray when (Lupton et al. 2001; ``meas_algorithms`` ``CR.cc`
 4. the 8-connected group of such pixels carries a summed excess over the replacement values
    of at least ``cr_min_snr`` times :math:`\sqrt{\sum V}` (the unit-free form of
    ``min_DN``: a noise pixel passes 2 and 3 with a probability of about :math:`10^{-7}`);
-5. (difference images; not in ``CR.cc``) no pixel :math:`q` of the
-   :math:`(2R+1) \times (2R+1)` box around it is significantly *negative*,
-   :math:`v_q \ge -k_\mathrm{opp}\,\sigma_q` (``cr_opposite_sigma``, :math:`R` =
-   ``cr_opposite_radius``).
+5. (difference images; not in ``CR.cc``) the detection image does not hold significant
+   signal of the other sign nearby: :math:`\nu_q \ge -k_\mathrm{opp}` for every pixel
+   :math:`q` of the :math:`(2R+1) \times (2R+1)` box around it, with :math:`\nu` the
+   matched-filter significance of the detector (``cr_opposite_sigma`` :math:`k_\mathrm{opp}`
+   = 5, ``cr_opposite_radius`` :math:`R` = 4).
 
 A point source has :math:`m_d \approx v\,P(d)/P(0)` (more when it is off-centre: for a
 Gaussian the geometric mean of the two neighbours is exactly :math:`v\,P(d)/P(0)`), so with
 :math:`f < 1` it can only pass condition 3 through a noise fluctuation larger than :math:`c`
-sigma of both the pixel and the mean of its neighbours. This argument holds for any sum of
+sigma of both the pixel and the mean of its neighbours. This holds for any sum of
 *positive* PSFs, but a difference image also holds negative ones: next to the negative lobe
 of a dipole (a star whose template is misaligned by a pixel or two) the neighbours of the
 positive lobe are lowered by the negative light, and near the zero line between the lobes
 the image is steeper than any PSF, so the lobe's pixels pass conditions 2 and 3 at high S/N
-(16 of 48 dipoles with lobes 1–3 px apart at S/N 60 per lobe, FWHM 3, lost their positive
-lobe to the rejection). No local test on the 3 × 3 neighbourhood separates this from a
-cosmic ray (using the brighter instead of the mean of the two neighbours, or skipping the
-directions with a negative neighbour, still flags 2–60 % of random bright dipoles), but the
-negative light itself is visible: condition 5 refuses a candidate with a pixel below
-:math:`-k_\mathrm{opp}` sigma within :math:`R` pixels. On blank sky that costs a fraction
-:math:`(2R+1)^2\,Q(k_\mathrm{opp}) \approx 8 \times 10^{-4}` of the cosmic rays (for
-:math:`R = 2`, :math:`k_\mathrm{opp} = 4`); a cosmic ray that falls on or next to a
-negative source of the difference is not flagged.
+(19 of 48 dipoles with lobes 1–3 px apart at S/N 60 per lobe, FWHM 3, lost their positive
+lobe to the rejection). No test on the 3 × 3 neighbourhood separates this from a cosmic ray
+(using the brighter instead of the mean of the two neighbours, or skipping the directions
+with a negative neighbour, still flags 16–78 % of random bright dipoles), but the negative
+light is visible: the other lobe is a significant negative detection within a few pixels
+(at most 3.6 px from any flagged pixel in the tests), which condition 5 looks for. It looks
+in :math:`\nu`, not in the pixels, because a decorrelated difference (``dmtn021``) puts a
+negative ring around every sharp feature: next to a 345-sigma track the pixels reach -18
+sigma, but :math:`\nu` (filtered with the difference's own PSF) stays above -4 within 4 px.
+The cost: a cosmic ray within :math:`R` pixels of a negative detection (a fading star, a
+dipole, a cosmic ray of the other sign) is not flagged; on blank sky
+:math:`P(\nu < -5) \approx 3 \times 10^{-7}` per pixel makes it negligible.
 
 Negative pixels (``polarity="both"``) are tested by the same five conditions applied to
-:math:`-D` (so condition 5 then refuses a negative candidate next to significantly
-*positive* pixels): a sharp negative pixel is, e.g., a cosmic ray or hot pixel of an
-unconvolved template. With ``polarity="positive"`` (the default, as ``CR.cc``) negative
+:math:`-D` and :math:`-\nu` (so condition 5 then refuses a negative candidate next to a
+significant *positive* detection): a sharp negative pixel is, e.g., a cosmic ray or hot
+pixel of the template. With ``polarity="positive"`` (the default, as ``CR.cc``) negative
 pixels are never cosmic rays.
 
 Then, ``cr_n_iter`` times, the cosmic-ray pixels are replaced by the neighbour mean that
@@ -72,6 +76,7 @@ from scipy.sparse.csgraph import connected_components
 import skydiff
 
 from ._footprints import neighbour_indices
+from ._significance import matched_filter
 
 __all__ = ["CosmicRays", "cosmic_ray_groups", "find_cosmic_rays", "remove_from_significance"]
 
@@ -128,33 +133,33 @@ def _test(work: NDArray[np.float32], variance: NDArray[np.float32],
     is_cr = (value >= 0) & sharp & np.any(contrast, axis=0)
     if opposite is not None and is_cr.any():
         passed = np.flatnonzero(is_cr)
-        is_cr[passed] = ~_near_opposite(work, variance, candidates[passed], opposite)
+        is_cr[passed] = ~_near_opposite(shape, candidates[passed], opposite)
     first = np.argmax(contrast, axis=0)
     replacement = means[first, np.arange(candidates.size)]
     return is_cr, replacement
 
 
 class _Opposite:
-    """Condition 5: the box offsets and the significance level of opposite-sign pixels."""
+    """Condition 5 for one sign: the box offsets, the level and the signed significance."""
 
-    def __init__(self, sigma: float, radius: int) -> None:
-        self.sigma = sigma
+    def __init__(self, significance: NDArray[np.float32], sign: float, level: float,
+                 radius: int) -> None:
+        self.flat = significance.reshape(-1)
+        self.sign = sign
+        self.level = level
         steps = range(-radius, radius + 1)
         self.offsets = tuple((a, b) for a in steps for b in steps if (a, b) != (0, 0))
 
 
-def _near_opposite(work: NDArray[np.float32], variance: NDArray[np.float32],
-                   pixels: NDArray[np.intp], opposite: _Opposite) -> NDArray[np.bool_]:
-    r"""Whether a pixel of the box around each of ``pixels`` is below :math:`-k\sigma`.
+def _near_opposite(shape: tuple[int, int], pixels: NDArray[np.intp], opposite: _Opposite
+                   ) -> NDArray[np.bool_]:
+    r"""Whether the box around each of ``pixels`` holds :math:`s\nu < -k_\mathrm{opp}`.
 
-    Pixels outside the image or without data (NaN) never count.
+    Pixels outside the image never count.
     """
-    index, inside = neighbour_indices(pixels, work.shape, opposite.offsets)
-    values = work.reshape(-1)[index].astype(np.float64)
-    with np.errstate(invalid="ignore"):  # negative variance: an invalid pixel, NaN already
-        noise = np.sqrt(variance.reshape(-1)[index].astype(np.float64))
-        negative = inside & (values < -opposite.sigma * noise)
-    return np.any(negative, axis=0)
+    index, inside = neighbour_indices(pixels, shape, opposite.offsets)
+    values = opposite.sign * opposite.flat[index]
+    return np.any(inside & (values < -opposite.level), axis=0)
 
 
 def _interior(flat: NDArray[np.intp], shape: tuple[int, int]) -> NDArray[np.bool_]:
@@ -187,8 +192,9 @@ def _groups(pixels: NDArray[np.intp], width: int) -> NDArray[np.intp]:
 def find_cosmic_rays(data: NDArray[np.float32], variance: NDArray[np.float32],
                      skip: NDArray[np.bool_] | None, kernel: NDArray[np.float64], *,
                      min_sigma: float, cond3_fac: float, cond3_fac2: float,
-                     n_iter: int, min_snr: float, opposite_sigma: float = 4.0,
-                     opposite_radius: int = 2, polarity: str = "positive") -> CosmicRays:
+                     n_iter: int, min_snr: float, opposite_sigma: float = 5.0,
+                     opposite_radius: int = 4, polarity: str = "positive",
+                     significance: NDArray[np.float32] | None = None) -> CosmicRays:
     """Find the cosmic-ray pixels of a background-subtracted image.
 
     Parameters
@@ -215,20 +221,32 @@ def find_cosmic_rays(data: NDArray[np.float32], variance: NDArray[np.float32],
         criteria.
     polarity : {"positive", "both"}
         "both" also finds negative cosmic rays (the same tests on the negated image).
+    significance : ndarray of float32, shape (H, W), optional
+        :math:`\\nu`, the matched-filter significance of ``data`` (the detector's detection
+        image, before any cosmic ray is removed from it); computed when omitted and
+        condition 5 is on.
 
     Returns
     -------
     CosmicRays
         With ``excess`` of the sign of the pixels (negative for negative cosmic rays).
     """
-    opposite = _Opposite(opposite_sigma, opposite_radius) if opposite_radius > 0 else None
     if polarity not in ("positive", "both"):
         msg = f"cosmic-ray polarity must be 'positive' or 'both', got {polarity!r}"
         raise skydiff.ConfigError(msg)
-    signs = (data, np.negative(data)) if polarity == "both" else (data,)
-    found = [_find_positive(signed, variance, skip, kernel, min_sigma=min_sigma,
-                            cond3_fac=cond3_fac, cond3_fac2=cond3_fac2, n_iter=n_iter,
-                            min_snr=min_snr, opposite=opposite) for signed in signs]
+    if opposite_radius > 0 and significance is None:
+        valid = np.isfinite(data)
+        filled = np.where(valid, data, np.float32(0.0)).astype(np.float32)
+        significance, _, _ = matched_filter(filled, variance, valid, kernel)
+    signs = (1.0, -1.0) if polarity == "both" else (1.0,)
+    found = []
+    for sign in signs:
+        opposite = (None if significance is None or opposite_radius <= 0
+                    else _Opposite(significance, sign, opposite_sigma, opposite_radius))
+        signed = data if sign > 0 else np.negative(data)
+        found.append(_find_positive(signed, variance, skip, kernel, min_sigma=min_sigma,
+                                    cond3_fac=cond3_fac, cond3_fac2=cond3_fac2,
+                                    n_iter=n_iter, min_snr=min_snr, opposite=opposite))
     pixels = found[0] if len(found) == 1 else np.union1d(found[0], found[1])
     if pixels.size == 0:
         return CosmicRays(np.zeros(0, dtype=np.intp), np.zeros(0))

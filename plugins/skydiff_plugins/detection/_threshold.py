@@ -100,10 +100,10 @@ class ThresholdDetector(skydiff.Detector):
        opposite neighbours by ``cr_min_sigma`` sigma, and those neighbours are fainter than
        ``cr_cond3_fac2`` times the PSF's neighbour-to-centre ratio allows, with a
        ``cr_cond3_fac``-sigma noise allowance; groups below ``cr_min_snr`` are dropped;
-       and, for a difference image, no pixel of the opposite sign beyond
-       ``cr_opposite_sigma`` sigma lies within ``cr_opposite_radius`` pixels, which keeps
-       the lobes of bright close dipoles; ``cr_polarity = "both"`` also finds negative
-       ones), returned as ``result.cosmic_rays``. With ``reject_cosmic_rays`` their contribution is
+       and the detection image does not fall below ``-cr_opposite_sigma`` within
+       ``cr_opposite_radius`` pixels, which keeps the lobes of bright close dipoles;
+       ``cr_polarity = "both"`` also finds negative ones), returned as
+       ``result.cosmic_rays``. With ``reject_cosmic_rays`` their contribution is
        removed from the detection image, :math:`\nu \to \nu - N^{-1} \sum_{q \in
        \mathrm{CR}} P[q - p]\,(v_q - \bar v_q)` (:math:`\bar v_q`: mean of the other
        neighbours), so detections made by cosmic rays alone disappear
@@ -270,7 +270,8 @@ class _Run:
             residual[self.invalid] = np.nan
         return residual.astype(np.float32, copy=False)
 
-    def cosmic_rays(self, residual: NDArray[np.float32]) -> CosmicRays | None:
+    def cosmic_rays(self, residual: NDArray[np.float32], significance: NDArray[np.float32]
+                    ) -> CosmicRays | None:
         config = self.config
         kernel = self.kernel
         if (self.is_score or not config.find_cosmic_rays or kernel is None
@@ -284,7 +285,7 @@ class _Run:
                                 min_snr=config.cr_min_snr,
                                 opposite_sigma=config.cr_opposite_sigma,
                                 opposite_radius=config.cr_opposite_radius,
-                                polarity=config.cr_polarity)
+                                polarity=config.cr_polarity, significance=significance)
 
     def detect(self) -> skydiff.DetectionResult:
         config = self.config
@@ -306,7 +307,7 @@ class _Run:
             significance, noise, typical = matched_filter(residual, variance, valid,
                                                           self.kernel)
         self.metadata["noise"] = typical
-        rays = self.cosmic_rays(residual)
+        rays = self.cosmic_rays(residual, significance)  # before any removal
         if rays is not None:
             self.metadata["n_cosmic_rays"] = int(rays.pixels.size)
             self._remove_cosmic_rays(rays, significance, noise)

@@ -199,14 +199,15 @@ def test_cosmic_ray_finder_keeps_bright_close_dipoles(helpers: Any) -> None:
     # The positive lobe of a bright dipole with lobes 1-3 px apart used to pass the
     # findCosmicRays criteria (the other lobe lowers its neighbours, and near the zero line
     # the image is steeper than any PSF) and to be removed from the significance image,
-    # leaving a negative-only row. Condition 5 (no pixel below -4 sigma within 2 px of a
+    # leaving a negative-only row. Condition 5 (no significance below -5 within 4 px of a
     # candidate) refuses it. Measured over these 48 dipoles, rows missing a lobe / dipoles
     # with cosmic-ray pixels, plain criteria (cr_opposite_radius = 0): 0/0 at S/N 30 per
     # lobe, 19/39 at 60, 18/47 at 100, 8/48 at 300, 0/48 at 1000; with condition 5: 0/0 at
-    # every S/N, cr_polarity "both" included. Where the plain criteria flag a lobe pixel
-    # (S/N >= 60), the other lobe's peak pixel is below -0.23 x 26.6 = -6 sigma (1.5 px
-    # apart, S/N 60; lower for larger separations and S/N), so a refusal fails only if
-    # every pixel of that lobe in the box fluctuates up by > 2 sigma at once: 0 expected.
+    # every S/N, cr_polarity "both" included. A flagged lobe pixel needs the other lobe's
+    # light, and that lobe reaches a significance of about -snr (separation / s) e^-1/2
+    # (s = 1.8 px): -30 at S/N 60 and 1.5 px, -20 at 1 px, with its extremum 2 s = 3.6 px
+    # from the positive one, inside the 9 x 9 box; a refusal fails only through a
+    # ~15-sigma fluctuation of the filtered image, so the expected count is 0.
     for snr in (60.0, 100.0):
         assert _dipole_rows(helpers, snr) == (0, 0), snr
     exposure, _ = _dipole(helpers, 1.5, 60.0, 60.0, seed=8)
