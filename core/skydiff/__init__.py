@@ -67,6 +67,7 @@ from skydiff.hookspecs import hookimpl, hookspec
 from skydiff.kernel import BasisKernel, FixedKernel, Kernel, chebyshev_terms, spatial_functions
 from skydiff.mapreduce import Cell, Grid, make_grid, map_reduce
 from skydiff.mask import DEFAULT_PLANES, MaskPlanes
+from skydiff.pairs import template_coverage, validate_pair
 from skydiff.pipeline import PipelineConfig, PipelineResult, run_pipeline, subtract
 from skydiff.psf import GaussianPsf, ImagePsf, PolynomialPsf, Psf, psf_fwhm_from_image
 from skydiff.registry import ROLES, PluginInfo, Registries, Registry, RoleInfo
@@ -215,6 +216,8 @@ __all__ = [
     "run_pipeline",
     "spatial_functions",
     "subtract",
+    "template_coverage",
     "use_manager",
+    "validate_pair",
     "variance_scale_factor",
 ]

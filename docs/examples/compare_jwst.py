@@ -4,8 +4,9 @@ Runs the whole pipeline (:func:`skydiff.run_pipeline`) three times with the pipe
 ``docs/examples/pipeline.toml``, changing only ``subtract.name``, on the Abell 2744 F200W pair
 (science: UNCOVER, Nov 2022; template: GLASS, June 2022) read with its WebbPSF PSF models and
 1-sigma noise maps, exactly as ``skydiff run`` reads them with ``--science-psf``,
-``--science-sigma``, ``--template-psf`` and ``--template-sigma``. It prints a Markdown table of
-the numbers quoted in ``docs/user/comparison.md`` and draws ``docs/_static/compare_jwst.png``.
+``--science-sigma``, ``--template-psf`` and ``--template-sigma``. It prints the two Markdown
+tables of numbers quoted in ``docs/user/comparison.md`` and draws
+``docs/_static/compare_jwst.png``.
 
 Usage (from the repository root)::
 
@@ -31,11 +32,15 @@ The numbers (all on unmasked pixels: no mask bit, finite, variance > 0):
     5-sigma threshold is a 5-sigma threshold.
 ``+ / - / dipoles``
     the detections (sky sources excluded), split as ``skydiff run`` prints them.
+``|nu| > 5 std(nu)``
+    how many of them have a significance above 5 times the measured ``std(nu)``: the
+    detections a threshold calibrated on the actual noise would keep (approximately: the
+    footprints and their deblending would differ a little).
 ``sky S/N``
     the standard deviation of ``psf_flux / psf_flux_err`` of the 100 sky sources (1 for a
     noise model that is right at the scale of the PSF; about +-7 % for 100 sources).
-``residual``
-    ``residual_footprint_ratio_mean`` of the metric of that name over its ``n`` stars (the
+``residual ratio (stars)``
+    ``residual_footprint_ratio_mean`` of the metric of that name over its stars (the
     kernel stars used by ``al``/``al_preconvolve``, the flux-ratio stars of ``zogy``).
 ``scale``
     the photometric scale science/template: the kernel sum (AL) or the flux ratio (ZOGY).
@@ -178,6 +183,8 @@ def summarize(name: str, result: skydiff.PipelineResult, seconds: float) -> dict
     dipole = np.asarray(catalog["is_dipole"], dtype=bool) & ~sky
     negative = np.asarray(catalog["is_negative"], dtype=bool) & ~sky & ~dipole
     positive = ~sky & ~dipole & ~negative
+    significance = np.abs(np.asarray(catalog["significance"], dtype=np.float64))
+    std_nu = std_inside(nu[nu_good])
     sky_snr = np.asarray(catalog["snr"], dtype=np.float64)[sky]
     sky_snr = sky_snr[np.isfinite(sky_snr)]
     residual = result.metrics.get("residual_footprint_ratio", {})
@@ -189,11 +196,12 @@ def summarize(name: str, result: skydiff.PipelineResult, seconds: float) -> dict
         "robust_std_z": float(skydiff.robust_std(z[good])),
         "tail5": float(np.mean(np.abs(z[good]) > 5.0)),
         "unmasked": float(good.mean()),
-        "std_nu": std_inside(nu[nu_good]),
+        "std_nu": std_nu,
         "detected_on": str(result.detection.metadata.get("detected_on", "difference")),
         "n_positive": int(positive.sum()),
         "n_negative": int(negative.sum()),
         "n_dipoles": int(dipole.sum()),
+        "n_calibrated": int(np.count_nonzero(~sky & (significance > 5.0 * std_nu))),
         "sky_snr_std": float(np.std(sky_snr)) if sky_snr.size else math.nan,
         "n_sky": int(sky_snr.size),
         "residual_ratio": float(residual.get("residual_footprint_ratio_mean", math.nan)),
@@ -231,22 +239,35 @@ def compare(science: skydiff.Exposure, template: skydiff.Exposure,
     return rows, results
 
 
-TABLE_HEADER = ("| method | std(z) | robust | \\|z\\|>5 | unmasked | std(ν) | detected on "
-                "| + / − / dipoles | sky S/N | residual (n) | scale | time: sub / all |")
+#: Header of the noise table (the first table of ``docs/user/comparison.md``).
+NOISE_HEADER = ("| method | std(z) | robust | \\|z\\|>5 | unmasked | std(ν) | sky S/N | scale "
+                "| time: subtract / all |")
+#: Header of the detection table (the second one).
+DETECTION_HEADER = ("| method | detected on | + / − / dipoles | \\|ν\\| > 5 std(ν) "
+                    "| residual ratio (stars) |")
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The Markdown table of ``docs/user/comparison.md`` (one line per method)."""
-    lines = [TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"]
+def _rule(header: str) -> str:
+    return "|" + "---|" * (header.count(" | ") + 1)
+
+
+def format_tables(rows: Sequence[dict[str, Any]]) -> str:
+    """The two Markdown tables of ``docs/user/comparison.md`` (one line per method)."""
+    noise = [NOISE_HEADER, _rule(NOISE_HEADER)]
+    detection = [DETECTION_HEADER, _rule(DETECTION_HEADER)]
     for row in rows:
-        lines.append(
-            f"| `{row['method']}` | {row['std_z']:.3f} | {row['robust_std_z']:.3f} "
+        name = f"`{row['method']}`"
+        noise.append(
+            f"| {name} | {row['std_z']:.3f} | {row['robust_std_z']:.3f} "
             f"| {100 * row['tail5']:.3f} % | {100 * row['unmasked']:.1f} % "
-            f"| {row['std_nu']:.3f} | {row['detected_on']} "
+            f"| {row['std_nu']:.3f} | {row['sky_snr_std']:.2f} | {row['scale']:.4f} "
+            f"| {row['time_subtract']:.1f} s / {row['time_total']:.0f} s |")
+        detection.append(
+            f"| {name} | {row['detected_on']} "
             f"| {row['n_positive']} / {row['n_negative']} / {row['n_dipoles']} "
-            f"| {row['sky_snr_std']:.2f} | {row['residual_ratio']:.3f} ({row['residual_n']}) "
-            f"| {row['scale']:.4f} | {row['time_subtract']:.1f} s / {row['time_total']:.0f} s |")
-    return "\n".join(lines)
+            f"| {row['n_calibrated']} "
+            f"| {row['residual_ratio']:.3f} ({row['residual_n']}) |")
+    return "\n".join(noise) + "\n\n" + "\n".join(detection)
 
 
 # ------------------------------------------------------------------------------------------
@@ -341,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     science, template = load_pair(args.data)
     rows, results = compare(science, template, args.methods, args.pipeline, verbose=True)
-    print(format_table(rows))
+    print(format_tables(rows))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     if not args.no_figure:

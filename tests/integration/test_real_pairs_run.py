@@ -23,26 +23,35 @@ PSF-weighted noise predicted by the difference's measured pixel autocorrelation
 ===========================  ======  =====================  =====  =====  =======
 pair                         method  detections             r      ACF    time
 ===========================  ======  =====================  =====  =====  =======
-JWST, PSF + noise maps       al      770 (367/401/2)        1.57   1.55   50 s
-JWST, PSF + noise maps       zogy    19 (3/16/0) on score   1.36   1.72   11 s
-JWST, no companions          al      986 (494/491/1)        1.51   1.65   22 s
-JWST, no companions          zogy    33 (15/18/0) on score  1.57   1.91   19 s
-DECam stacks                 al      32 (20/10/2)           1.66   1.62   6 s
-DECam stacks                 zogy    6 (1/5/0) on score     1.44   1.77   5 s
-TOROS 004-005                al      24 (17/6/1)            0.92   1.02   9 s
-TOROS 004-005                zogy    8 (4/4/0) on score     0.93   —      9 s
+JWST, PSF + noise maps       al      770 (369/401/2)        1.57   1.55   29 s
+JWST, PSF + noise maps       zogy    19 (3/16/0) on score   1.36   1.72   9 s
+JWST, no companions          al      987 (493/494/1)        1.51   1.65   19 s
+JWST, no companions          zogy    33 (15/18/0) on score  1.57   1.91   36 s
+DECam stacks                 al      32 (22/10/2)           1.66   1.63   4 s
+DECam stacks                 zogy    6 (1/5/0) on score     1.44   1.77   1.4 s
+TOROS 004-005                al      97 (12/85/1)           0.94   1.02   10 s
+TOROS 004-005                zogy    8 (4/4/0) on score     0.93   1.01   8 s
 legacypipe, companions       al      exit 1: too few kernel sources (0 of 0, need 6)
 legacypipe, companions       zogy    exit 1: every pixel masked (see below)
 legacypipe, no companions    al      exit 1: too few kernel sources
-legacypipe, no companions    zogy    success: 1 detection, 0 sky sources
+legacypipe, no companions    zogy    success: 1 detection, 0 sky sources (1 s)
 ===========================  ======  =====================  =====  =====  =======
+
+Metrics (al / zogy): dia_fraction JWST 0.25 / 0.006 (companions), 1.87 / 0.063 (bare),
+DECam 0.32 / 0.06, TOROS 0.076 / 0.006; residual_footprint_ratio mean 0.040 / 0.024,
+0.053 / 0.024, 0.024 / 0.098, 0.006 / 0.003; kernel sum (al) 1.0016, 1.0032, 1.0209, 0.999.
+TOROS is a null pair (74 s apart): 85 of al's 97 detections are negative; with
+``detect.detection.threshold.find_cosmic_rays = false`` there are 25 (20/4/1), and before
+the working tree's change of the cosmic-ray criteria (cr_opposite_sigma/radius computed on
+the significance image) there were 24 (17/6/1): the rejection of cosmic rays now leaves ~70
+negative detections there (not asserted here; see the report).
 
 The JWST i2d images are drizzled and the DECam images are median stacks: their pixel noise
 is correlated (neighbour correlation 0.31-0.40 in the decorrelated difference), which the
 per-pixel variance plane cannot describe, so ``psf_flux_err`` (and the matched-filter
 significance of ``al`` detections) underestimates the noise by the ACF factor, 1.5-1.7, as
 the sky sources measure. That is the main reason for the ~800-1000 ``al`` detections on JWST
-(median |significance| 5.5): most are noise above an effective 3.3-sigma threshold. ZOGY
+(median |significance| 5.5): most are noise above an effective 3.2-sigma threshold. ZOGY
 detects on its score image, whose variance it corrects for the measured correlation
 (``noise_correlation = "corrected"``), hence its few detections, but its difference image
 (where ``psf_flux`` is measured) is not corrected. These sky-source tests are expected
@@ -313,9 +322,9 @@ def test_tiny_cutouts_fail_with_one_typed_line(runs, pair, algorithm) -> None:
 
 
 def test_tiny_cutouts_without_companions_run_with_zogy(runs) -> None:
-    # ZOGY's estimated PSFs are small enough to leave unmasked pixels: the run succeeds,
-    # finds the one changed star and has no room for sky sources (41 x 51 px, radius 8,
-    # avoiding the 2 detections' footprints and the EDGE border).
+    # ZOGY's estimated PSFs (Gaussian-moment fallbacks, 1 star each) are small enough to leave
+    # unmasked pixels: the run succeeds with one detection and no room for sky sources
+    # (41 x 51 px, disks of radius 8 avoiding the footprint and the EDGE border).
     run = runs("legacypipe-bare", "zogy")
     assert run.code == 0, run.err
     catalog = read_catalog(run.outdir / "catalog.ecsv")

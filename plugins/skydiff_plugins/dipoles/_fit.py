@@ -47,6 +47,7 @@ from skydiff.photometry import cutouts, psf_stamps
 
 from ._lobes import ShiftedPsf
 from ._model import Stamp, background_basis, fit_dipole, fit_single
+from ._noise import NoiseCorrelation, correlation_radius, estimate_correlation, region_slices
 from ._regions import Boxes, catalog_column, fit_boxes, footprint_boxes
 
 __all__ = ["DIPOLE_COLUMNS", "DipoleFitConfig", "DipoleFitMeasurement"]
@@ -112,6 +113,11 @@ class DipoleFitConfig(skydiff.Config):
     max_nfev: int = skydiff.RangeField(
         200, min=10, doc="Largest number of model evaluations per fit; a fit that does not "
                          "converge is flagged.")
+    correlated_noise: bool = skydiff.Field(
+        True, doc="Estimate the pixel-to-pixel noise correlations of each plane from its "
+                  "blank sky (once per image) and use them: each plane's weights are divided "
+                  "by its PSF-flux noise factor and the errors come from the correlated "
+                  "covariance. False takes the pixels as independent.")
     bad_planes: tuple[str, ...] = skydiff.ListField(
         ["BAD", "SAT", "NO_DATA", "CR", "EDGE"], dtype=str,
         doc="Mask planes whose pixels are left out of the fit (planes an exposure does not "
@@ -179,7 +185,12 @@ def _odd(value: np.ndarray) -> np.ndarray:
 
 
 class _Planes:
-    """The planes of the fit as full-image arrays (no copies of the inputs' pixels)."""
+    """The planes of the fit as full-image arrays (no copies of the inputs' pixels).
+
+    ``psfs`` holds each plane's PSF: the difference's, the science image's and the matched
+    template's own, the difference's for a plane without one or a reconstructed plane;
+    ``psf_sources`` says which (``"own"`` or ``"difference"``).
+    """
 
     def __init__(self, inputs: skydiff.MeasurementInputs, config: DipoleFitConfig) -> None:
         bad_planes = tuple(config.bad_planes)
@@ -190,9 +201,11 @@ class _Planes:
         self.images: list[np.ndarray] = [difference.image]
         self.variances: list[np.ndarray] = [difference.variance]
         self.bad: list[np.ndarray] = [_bad_pixels(difference, bad_planes)]
+        self.psfs: list[skydiff.Psf | None] = [difference.psf]
+        self.psf_sources: dict[str, str] = {}
         if not self.joint:
             return
-        for exposure in (science, template):
+        for label, exposure in (("science", science), ("template", template)):
             if exposure is None:
                 self.images.append(difference.image)  # placeholder, rebuilt on the stamps
                 self.variances.append(difference.variance)
@@ -201,10 +214,26 @@ class _Planes:
                 self.images.append(exposure.image)
                 self.variances.append(exposure.variance)
                 self.bad.append(_bad_pixels(exposure, bad_planes))
+            own = exposure is not None and exposure.psf is not None
+            self.psfs.append(exposure.psf if own and exposure is not None else difference.psf)
+            self.psf_sources[label] = "own" if own else "difference"
         if science is None:
             self.reconstructed = "science"
         elif template is None:
             self.reconstructed = "template"
+
+    def _reconstruct(self, data: np.ndarray, variance: np.ndarray, bad: np.ndarray) -> None:
+        """Rebuild the missing plane of stacked (n, p, ...) arrays in place."""
+        if self.reconstructed == "none":
+            return
+        other = 2 if self.reconstructed == "science" else 1
+        missing = 3 - other
+        sign = 1.0 if self.reconstructed == "science" else -1.0
+        # science = difference + template; template = science - difference
+        data[:, missing] = data[:, other] + sign * data[:, 0]
+        variance[:, missing] = np.maximum(variance[:, 0] - variance[:, other],
+                                          _RECONSTRUCTED_VARIANCE_FLOOR * variance[:, 0])
+        bad[:, missing] = bad[:, 0] | bad[:, other]
 
     def stamps(self, cols: np.ndarray, rows: np.ndarray, side: int
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -215,19 +244,38 @@ class _Planes:
                              for var in self.variances], axis=1)
         bad = np.stack([cutouts(mask, cols, rows, size=side, fill=True)
                         for mask in self.bad], axis=1)
-        if self.reconstructed != "none":
-            other = 2 if self.reconstructed == "science" else 1
-            missing = 3 - other
-            sign = 1.0 if self.reconstructed == "science" else -1.0
-            # science = difference + template; template = science - difference
-            data[:, missing] = data[:, other] + sign * data[:, 0]
-            variance[:, missing] = np.maximum(
-                variance[:, 0] - variance[:, other],
-                _RECONSTRUCTED_VARIANCE_FLOOR * variance[:, 0])
-            bad[:, missing] = bad[:, 0] | bad[:, other]
+        self._reconstruct(data, variance, bad)
         with np.errstate(invalid="ignore"):
             valid = ~bad & np.isfinite(data) & np.isfinite(variance) & (variance > 0)
         return data, variance, valid
+
+    def region(self, rows: slice, cols: slice
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(p, H, W) data, variance and validity of a region, as :meth:`stamps`."""
+        data = np.stack([image[rows, cols] for image in self.images]
+                        )[None].astype(np.float64)
+        variance = np.stack([var[rows, cols] for var in self.variances]
+                            )[None].astype(np.float64)
+        bad = np.stack([mask[rows, cols] for mask in self.bad])[None]
+        self._reconstruct(data, variance, bad)
+        with np.errstate(invalid="ignore"):
+            valid = ~bad & np.isfinite(data) & np.isfinite(variance) & (variance > 0)
+        return data[0], variance[0], valid[0]
+
+    def noise(self, origin: tuple[float, float]) -> NoiseCorrelation | None:
+        """The noise correlations of the planes (:func:`._noise.estimate_correlation`)."""
+        if any(psf is None for psf in self.psfs):
+            return None
+        rows, cols = region_slices(self.images[0].shape)
+        x = (cols.start + cols.stop - 1) / 2.0 + origin[0]
+        y = (rows.start + rows.stop - 1) / 2.0 + origin[1]
+        psfs = [psf for psf in self.psfs if psf is not None]
+        kernels = [np.asarray(psf.kernel_image(x, y), dtype=np.float64) for psf in psfs]
+        fwhm = max(float(psf.fwhm(x, y)) for psf in psfs)
+        data, variance, valid = self.region(rows, cols)
+        return estimate_correlation(data, variance, valid, kernels,
+                                    radius=correlation_radius(fwhm),
+                                    grow=max(math.ceil(fwhm), 1))
 
 
 class DipoleFitMeasurement(skydiff.Measurement):
@@ -307,12 +355,23 @@ class DipoleFitMeasurement(skydiff.Measurement):
         metadata: dict[str, Any] = {
             "n_candidates": 0, "n_fitted": 0, "n_failed": 0,
             "fit_mode": "joint" if planes.joint else "difference",
-            "reconstructed": planes.reconstructed, "has_psf": psf is not None}
+            "reconstructed": planes.reconstructed, "has_psf": psf is not None,
+            "plane_psfs": dict(planes.psf_sources), "noise_correlation": "independent",
+            "noise_factors": {}, "noise_pixels": 0}
         candidates, boxes, guesses = self._candidates(inputs, psf)
         metadata["n_candidates"] = int(candidates.size)
         if candidates.size and psf is not None:
-            fitted, failed = self._fit_all(inputs, planes, psf, candidates, boxes, guesses,
-                                           columns)
+            noise = None
+            if config.correlated_noise:
+                noise = planes.noise(inputs.difference.origin)
+                metadata["noise_correlation"] = "estimated" if noise else "unavailable"
+            if noise is not None:
+                labels = ("difference", "science", "template")
+                metadata["noise_factors"] = {label: float(value) for label, value
+                                             in zip(labels, noise.factors, strict=False)}
+                metadata["noise_pixels"] = noise.n_pixels
+            fitted, failed = self._fit_all(inputs, planes, noise, candidates, boxes,
+                                           guesses, columns)
             metadata["n_fitted"], metadata["n_failed"] = fitted, failed
         table = Table({name: columns[name] for name in DIPOLE_COLUMNS})
         return skydiff.MeasurementResult(columns=table, metadata=metadata)
@@ -358,11 +417,13 @@ class DipoleFitMeasurement(skydiff.Measurement):
 
     # -- fitting -----------------------------------------------------------------------
 
-    def _fit_all(self, inputs: skydiff.MeasurementInputs, planes: _Planes, psf: skydiff.Psf,
-                 candidates: np.ndarray, boxes: Boxes, guesses: np.ndarray,
-                 columns: dict[str, np.ndarray]) -> tuple[int, int]:
+    def _fit_all(self, inputs: skydiff.MeasurementInputs, planes: _Planes,
+                 noise: NoiseCorrelation | None, candidates: np.ndarray, boxes: Boxes,
+                 guesses: np.ndarray, columns: dict[str, np.ndarray]) -> tuple[int, int]:
         config = self.config
         difference = inputs.difference
+        psf = difference.psf
+        assert psf is not None
         heights = boxes.row1 - boxes.row0
         widths = boxes.col1 - boxes.col0
         sides = _odd(np.maximum(heights, widths))
@@ -372,10 +433,11 @@ class DipoleFitMeasurement(skydiff.Measurement):
         mean_y = float(np.mean(centre_rows)) + difference.origin[1]
         sigma = float(psf.fwhm(mean_x, mean_y)) / _FWHM_PER_SIGMA
         reach = config.max_separation * sigma
-        kernel_side = int(np.asarray(psf.kernel_image(mean_x, mean_y)).shape[0])
-        kernels = psf_stamps(psf, centre_cols.astype(np.float64),
-                             centre_rows.astype(np.float64), size=kernel_side,
-                             origin=difference.origin)
+        n_planes = 3 if planes.joint else 1
+        kernels = self._plane_kernels(planes.psfs[:n_planes], centre_cols, centre_rows,
+                                      (mean_x, mean_y), difference.origin)
+        factors = np.ones(n_planes) if noise is None else noise.factors[:n_planes]
+        correlation = None if noise is None else noise.correlation[:n_planes, :n_planes]
         labels = inputs.footprints
         ids = (np.asarray(inputs.catalog["id"], dtype=np.int64)
                if "id" in inputs.catalog.colnames else None)
@@ -402,12 +464,14 @@ class DipoleFitMeasurement(skydiff.Measurement):
             basis = background_basis(int(side), config.background_order)
             for k, member in enumerate(members):  # loop over sources: one small fit each
                 index = candidates[member]
-                stamp = self._stamp(data[k], variance[k], valid[k], basis, kernels[member],
-                                    int(side), (int(rows[k]), int(cols[k])), reach,
-                                    planes.joint)
+                centre = (int(rows[k]), int(cols[k]))
+                lobes = _plane_lobes([stack[member] if stack is not None else None
+                                      for stack in kernels], int(side), centre, reach)
+                stamp = self._stamp(data[k], variance[k], valid[k], basis, lobes, factors,
+                                    correlation)
                 footprint = own[k] if own is not None and own[k].any() else None
                 guess = _initial_guesses(guesses[member], data[k, 0], valid[k, 0], footprint,
-                                         (int(rows[k]), int(cols[k])))
+                                         centre)
                 box = (float(boxes.col0[member]) - 0.5, float(boxes.col1[member]) - 0.5,
                        float(boxes.row0[member]) - 0.5, float(boxes.row1[member]) - 0.5)
                 ok = self._fit_one(stamp, guess, reach, box, columns, int(index))
@@ -415,18 +479,32 @@ class DipoleFitMeasurement(skydiff.Measurement):
                 failed += not ok
         return fitted, failed
 
+    @staticmethod
+    def _plane_kernels(psfs: list[skydiff.Psf | None], cols: np.ndarray, rows: np.ndarray,
+                       mean: tuple[float, float], origin: tuple[float, float]
+                       ) -> list[np.ndarray | None]:
+        """Each plane's PSF images at the box centres, (m, K, K); None = the difference's."""
+        kernels: list[np.ndarray | None] = []
+        for plane, psf in enumerate(psfs):  # loop over the (at most 3) planes
+            if psf is None or (plane > 0 and psf is psfs[0]):
+                kernels.append(None)
+                continue
+            side = int(np.asarray(psf.kernel_image(*mean)).shape[0])
+            kernels.append(psf_stamps(psf, cols.astype(np.float64), rows.astype(np.float64),
+                                      size=side, origin=origin))
+        return kernels
+
     def _stamp(self, data: np.ndarray, variance: np.ndarray, valid: np.ndarray,
-               basis: np.ndarray, kernel: np.ndarray, side: int, centre: tuple[int, int],
-               reach: float, joint: bool) -> Stamp:
-        n_planes = 3 if joint else 1
+               basis: np.ndarray, lobes: tuple[ShiftedPsf, ...], factors: np.ndarray,
+               correlation: np.ndarray | None) -> Stamp:
+        n_planes = len(lobes)
         relative = np.array([1.0, self.config.rel_weight, self.config.rel_weight])[:n_planes]
         flat_valid = valid[:n_planes].reshape(n_planes, -1)
         flat_var = np.where(flat_valid, variance[:n_planes].reshape(n_planes, -1), 1.0)
         flat_data = np.where(flat_valid, data[:n_planes].reshape(n_planes, -1), 0.0)
-        weight = np.where(flat_valid, relative[:, None] / flat_var, 0.0)
-        lobes = ShiftedPsf(kernel, side=side, centre=centre, reach=reach)
+        weight = np.where(flat_valid, (relative / factors)[:, None] / flat_var, 0.0)
         return Stamp(data=flat_data, variance=flat_var, weight=weight, background=basis,
-                     lobes=lobes)
+                     lobes=lobes, correlation=correlation)
 
     def _fit_one(self, stamp: Stamp, guess: np.ndarray, reach: float,
                  box: tuple[float, float, float, float], columns: dict[str, np.ndarray],
@@ -499,3 +577,21 @@ def _initial_guesses(peaks: np.ndarray, difference: np.ndarray, valid: np.ndarra
         result[slot] = centre[1] + col - side // 2
         result[slot + 1] = centre[0] + row - side // 2
     return result
+
+
+def _plane_lobes(kernels: list[np.ndarray | None], side: int, centre: tuple[int, int],
+                 reach: float) -> tuple[ShiftedPsf, ...]:
+    """One lobe generator per plane; planes without their own kernel share the difference's.
+
+    A plane whose kernel equals the difference's shares its generator too (then the fit
+    computes the lobes once).
+    """
+    first = kernels[0]
+    assert first is not None
+    lobes = [ShiftedPsf(first, side=side, centre=centre, reach=reach)]
+    for kernel in kernels[1:]:  # the (at most 2) other planes
+        if kernel is None or (kernel.shape == first.shape and np.array_equal(kernel, first)):
+            lobes.append(lobes[0])
+        else:
+            lobes.append(ShiftedPsf(kernel, side=side, centre=centre, reach=reach))
+    return tuple(lobes)

@@ -82,10 +82,12 @@ position of a lobe whose flux is at the bound 0) get NaN errors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+import scipy.fft
 import scipy.optimize
 
 from ._lobes import ShiftedPsf
@@ -110,18 +112,23 @@ class Stamp(NamedTuple):
     variance : ndarray of shape (p, L*L)
         Their variances (1 where invalid).
     weight : ndarray of shape (p, L*L)
-        :math:`\\lambda_a / V_a`, 0 where invalid.
+        :math:`\\lambda_a / (\\eta_a V_a)`, 0 where invalid.
     background : ndarray of shape (n_b, L*L)
         The background basis :math:`T_k` (``n_b`` = 0 for the difference-only fit).
-    lobes : ShiftedPsf
-        The PSF lobe generator of this stamp.
+    lobes : tuple of ShiftedPsf
+        The PSF lobe generator of each plane (the same object where two planes share a PSF).
+    correlation : ndarray of shape (p, p, 2R + 1, 2R + 1) or None
+        The normalised noise correlations :math:`\\rho_{ab}` of the planes (``_noise``);
+        None takes the pixels as independent (the covariance :math:`C^0` of the module
+        documentation).
     """
 
     data: np.ndarray
     variance: np.ndarray
     weight: np.ndarray
     background: np.ndarray
-    lobes: ShiftedPsf
+    lobes: tuple[ShiftedPsf, ...]
+    correlation: np.ndarray | None = None
 
     @property
     def joint(self) -> bool:
@@ -132,6 +139,11 @@ class Stamp(NamedTuple):
     def n_data(self) -> int:
         """The number of valid difference pixels."""
         return int(np.count_nonzero(self.weight[0]))
+
+    @property
+    def side(self) -> int:
+        """The side :math:`L` of the stamp."""
+        return math.isqrt(self.data.shape[1])
 
 
 class DipoleSolution(NamedTuple):
@@ -214,22 +226,59 @@ def _plane_covariance(variance: np.ndarray) -> np.ndarray:
     return cov
 
 
+def _correlated_meat(scaled: np.ndarray, stamp: Stamp) -> np.ndarray:
+    r"""The meat :math:`\sum_{ab} G_a^\mathsf{T} C_{ab} G_b` with the correlated-noise covariance.
+
+    ``scaled`` holds :math:`G_a = \sqrt{\kappa_a}\, w_a A_a` (p, n_par, L*L). With
+    :math:`h_{ak} = G_{ak} \sqrt{V_a}` and :math:`C_{ab}(\mathbf i, \mathbf j) =
+    \sqrt{V_a(\mathbf i) V_b(\mathbf j)}\,\rho_{ab}(\mathbf j - \mathbf i)`, the element
+    :math:`kl` is :math:`\sum_{ab}\sum_{\Delta} \rho_{ab}(\Delta)\, c_{ab,kl}(\Delta)`
+    with the cross-correlation :math:`c_{ab,kl}(\Delta) = \sum_\mathbf i h_{ak}(\mathbf i)
+    h_{bl}(\mathbf i + \Delta)`; by Parseval on an FFT canvas of side :math:`n \ge L + R`
+    (no wrap-around for lags up to :math:`R`) it is
+    :math:`n^{-2} \sum_{ab}\sum_f \overline{\hat\rho_{ab}(f)}\,
+    \overline{\hat h_{ak}(f)}\, \hat h_{bl}(f)`.
+    """
+    rho = stamp.correlation
+    assert rho is not None
+    radius = rho.shape[-1] // 2
+    side = stamp.side
+    n_planes, n_par = scaled.shape[:2]
+    n = scipy.fft.next_fast_len(max(side + radius, 2 * radius + 1))
+    h = (scaled * np.sqrt(stamp.variance)[:, None, :]).reshape(n_planes, n_par, side, side)
+    spectra = scipy.fft.fft2(h, s=(n, n)).reshape(n_planes, n_par, n * n)
+    canvas = np.zeros((n_planes, n_planes, n, n))
+    lags = np.arange(-radius, radius + 1) % n
+    canvas[:, :, lags[:, None], lags[None, :]] = rho
+    rho_hat = np.conj(scipy.fft.fft2(canvas)).reshape(n_planes, n_planes, n * n)
+    mixed = np.einsum("abf,blf->alf", rho_hat, spectra)
+    meat = np.einsum("akf,alf->kl", np.conj(spectra), mixed).real / (n * n)
+    return np.asarray(0.5 * (meat + meat.T))
+
+
 def _sandwich(jacobian: np.ndarray, stamp: Stamp, residuals: np.ndarray, loss: str,
               f_scale: float) -> np.ndarray:
     """Standard errors from the M-estimator sandwich; NaN for parameters without effect.
 
     ``jacobian`` is the model Jacobian (p, n_par, L*L); ``residuals`` the whitened residuals
-    (p, L*L), 0 where invalid.
+    (p, L*L), 0 where invalid. The meat uses the correlated-noise covariance when the stamp
+    has ``correlation``, else the independent-pixel covariance :math:`C^0`.
     """
     n_par = jacobian.shape[1]
     _, psi1 = _loss_derivatives(residuals, loss, f_scale)
     weight = stamp.weight
     bread = np.einsum("aki,ai,ali->kl", jacobian, weight * psi1, jacobian)
-    spread = np.max(weight * stamp.variance, axis=1)  # lambda_a of each plane
+    spread = np.max(weight * stamp.variance, axis=1)  # lambda_a / eta_a of each plane
+    if stamp.correlation is not None:  # the whitened residuals' variance
+        centre = stamp.correlation.shape[-1] // 2
+        spread = spread * np.diagonal(stamp.correlation[:, :, centre, centre])
     kappa = np.sqrt(_meat_factors(loss, f_scale, np.where(spread > 0, spread, 1.0)))
     scaled = jacobian * (weight * kappa[:, None])[:, None, :]
-    cov_planes = _plane_covariance(stamp.variance)
-    meat = np.einsum("aki,abi,bli->kl", scaled, cov_planes, scaled)
+    if stamp.correlation is not None:
+        meat = _correlated_meat(scaled, stamp)
+    else:
+        cov_planes = _plane_covariance(stamp.variance)
+        meat = np.einsum("aki,abi,bli->kl", scaled, cov_planes, scaled)
     diagonal = np.diag(bread)
     active = diagonal > _INACTIVE * max(float(diagonal.max(initial=0.0)), 1e-300)
     errors = np.full(n_par, np.nan)
@@ -355,40 +404,49 @@ def fit_dipole(stamp: Stamp, guess_pos: tuple[float, float], guess_neg: tuple[fl
     n_planes = stamp.data.shape[0]
     pixels = stamp.data.shape[1]
 
+    lobes = stamp.lobes
+
+    def lobe_images(index: int, xs: np.ndarray, ys: np.ndarray, derivatives: bool
+                    ) -> np.ndarray:
+        """Plane ``index``'s lobes at (xs, ys): (m, pixels) or (m, 3, pixels)."""
+        images = lobes[index].images(xs, ys, derivatives=derivatives)
+        return images.reshape(*images.shape[:-2], pixels)
+
     def evaluate(theta: np.ndarray, derivatives: bool
                  ) -> tuple[np.ndarray, np.ndarray | None]:
         f_pos = theta[4]
         f_neg = theta[4] if tie_fluxes else theta[5]
-        images = stamp.lobes.images(theta[[0, 2]], theta[[1, 3]], derivatives=derivatives)
-        images = images.reshape(*images.shape[:-2], pixels)
-        m_pos, m_neg = (images[0, 0], images[1, 0]) if derivatives else (images[0], images[1])
+        # lobe images: [0] positive and [1] negative of the difference PSF, then the
+        # positive lobe of the science PSF and the negative lobe of the template PSF
+        # (the difference's images again where a plane shares its PSF)
+        images = [*lobe_images(0, theta[[0, 2]], theta[[1, 3]], derivatives)]
+        if stamp.joint:
+            for plane, lobe in ((1, 0), (2, 1)):
+                images.append(images[lobe] if lobes[plane] is lobes[0] else
+                              lobe_images(plane, theta[[2 * lobe]], theta[[2 * lobe + 1]],
+                                          derivatives)[0])
+        values = [image[0] if derivatives else image for image in images]
         model = np.zeros((n_planes, pixels))
-        model[0] = f_pos * m_pos - f_neg * m_neg
+        model[0] = f_pos * values[0] - f_neg * values[1]
         if stamp.joint:
             bg = theta[4 + n_flux:] @ stamp.background
-            model[1] = f_pos * m_pos + bg
-            model[2] = f_neg * m_neg + bg
+            model[1] = f_pos * values[2] + bg
+            model[2] = f_neg * values[3] + bg
         if not derivatives:
             return model, None
         jac = np.zeros((n_planes, 4 + n_flux + n_bg, pixels))
-        d_pos = f_pos * images[0, 1:]
-        d_neg = f_neg * images[1, 1:]
-        jac[0, 0:2] = d_pos
-        jac[0, 2:4] = -d_neg
+        jac[0, 0:2] = f_pos * images[0][1:]
+        jac[0, 2:4] = -f_neg * images[1][1:]
         if tie_fluxes:
-            jac[0, 4] = m_pos - m_neg
+            jac[0, 4] = values[0] - values[1]
         else:
-            jac[0, 4] = m_pos
-            jac[0, 5] = -m_neg
+            jac[0, 4] = values[0]
+            jac[0, 5] = -values[1]
         if stamp.joint:
-            jac[1, 0:2] = d_pos
-            jac[2, 2:4] = d_neg
-            if tie_fluxes:
-                jac[1, 4] = m_pos
-                jac[2, 4] = m_neg
-            else:
-                jac[1, 4] = m_pos
-                jac[2, 5] = m_neg
+            jac[1, 0:2] = f_pos * images[2][1:]
+            jac[2, 2:4] = f_neg * images[3][1:]
+            jac[1, 4] = values[2]
+            jac[2, 4 if tie_fluxes else 5] = values[3]
             jac[1, 4 + n_flux:] = stamp.background
             jac[2, 4 + n_flux:] = stamp.background
         return model, jac
@@ -438,13 +496,14 @@ def fit_single(stamp: Stamp, guesses: list[tuple[float, float]], *, reach: float
     SingleSolution or None
         None if every start failed.
     """
+    correlation = None if stamp.correlation is None else stamp.correlation[:1, :1]
     diff = Stamp(stamp.data[:1], stamp.variance[:1], stamp.weight[:1],
-                 stamp.background[:0], stamp.lobes)
+                 stamp.background[:0], stamp.lobes[:1], correlation)
     pixels = diff.data.shape[1]
 
     def evaluate(theta: np.ndarray, derivatives: bool
                  ) -> tuple[np.ndarray, np.ndarray | None]:
-        images = diff.lobes.images(theta[:1], theta[1:2], derivatives=derivatives)
+        images = diff.lobes[0].images(theta[:1], theta[1:2], derivatives=derivatives)
         images = images.reshape(*images.shape[:-2], pixels)
         lobe = images[0, 0] if derivatives else images[0]
         model = (theta[2] * lobe)[None]

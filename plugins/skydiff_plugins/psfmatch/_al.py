@@ -2,7 +2,7 @@ r"""The ``subtraction`` plugin ``al``: Alard–Lupton PSF matching with decorrel
 
 A port of ``lsst.ip.diffim``'s ``AlardLuptonSubtractTask`` (ipdiffim §1.5, §2.1–2.7):
 
-1. *inputs* -- same pixel grid (:func:`._common.validate_pair`), template coverage
+1. *inputs* -- same pixel grid (:func:`skydiff.validate_pair`), template coverage
    (:class:`skydiff.NoWorkFound` below ``required_template_fraction``), variance planes
    rescaled to the measured noise, PSFs estimated where missing;
 2. *mode* -- which image is convolved: ``convolveTemplate`` (default), ``convolveScience``,
@@ -84,8 +84,6 @@ from ._common import (
     psf_fwhm,
     scale_variances,
     spatial_image,
-    template_coverage,
-    validate_pair,
 )
 from ._model_kernel import (
     PsfImage,
@@ -341,8 +339,8 @@ class PsfMatchSubtraction(skydiff.Subtraction):
     def _prepare(self, science: Any, template: Any, timings: dict[str, dict[str, float]]
                  ) -> _Prepared:
         config = self.config
-        validate_pair(science, template, max_wcs_offset=config.max_wcs_offset)
-        coverage = template_coverage(science, template)
+        skydiff.validate_pair(science, template, max_wcs_offset=config.max_wcs_offset)
+        coverage = skydiff.template_coverage(science, template)
         if coverage < config.required_template_fraction:
             msg = (f"the template covers {coverage:.1%} of the science image, less than the "
                    f"required {config.required_template_fraction:.1%}")

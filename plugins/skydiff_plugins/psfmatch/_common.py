@@ -2,8 +2,6 @@ r"""Input preparation shared by the PSF-matching subtraction plugins (``lsst.ip.
 
 Everything here returns new objects; the caller's exposures are never modified.
 
-* :func:`validate_pair` -- same shape, same origin, WCS equal within a tolerance.
-* :func:`template_coverage` -- the fraction of science pixels with valid template data.
 * :func:`scale_variances` -- ``ScaleVarianceTask`` on both inputs, via
   :func:`skydiff.stats.variance_scale_factor`.
 * :func:`mask_hygiene` -- clear the template planes that do not describe the difference,
@@ -47,8 +45,6 @@ __all__ = [
     "scale_variances",
     "serial_matmul",
     "spatial_image",
-    "template_coverage",
-    "validate_pair",
 ]
 
 _T = TypeVar("_T")
@@ -68,133 +64,19 @@ def frozen(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def validate_pair(science: object, template: object, *, max_wcs_offset: float) -> None:
-    """Check that two exposures can be subtracted pixel by pixel.
-
-    Parameters
-    ----------
-    science, template : skydiff.Exposure
-        The inputs.
-    max_wcs_offset : float
-        Largest allowed distance, in science pixels, between a science pixel and where the
-        template WCS puts the same sky position (checked at the corners and the centre when
-        both exposures have a WCS). Sub-pixel offsets are absorbed by the kernel.
-
-    Raises
-    ------
-    skydiff.InputError
-        If an input is not an Exposure, or shapes, origins or WCSs disagree.
-    """
-    for name, value in (("science", science), ("template", template)):
-        if not isinstance(value, skydiff.Exposure):
-            msg = f"{name} must be a skydiff.Exposure, got {type(value).__name__}"
-            raise skydiff.InputError(msg)
-    assert isinstance(science, skydiff.Exposure) and isinstance(template, skydiff.Exposure)
-    if science.shape != template.shape or science.origin != template.origin:
-        msg = (f"template {template.shape} at origin {template.origin} is not on the science "
-               f"grid {science.shape} at origin {science.origin}; resample the template onto "
-               "the science pixel grid first (e.g. with a template_getter)")
-        raise skydiff.InputError(msg)
-    if science.wcs is None or template.wcs is None:
-        return
-    height, width = science.shape
-    xs = np.array([0.0, width - 1.0, 0.0, width - 1.0, 0.5 * (width - 1)])
-    ys = np.array([0.0, 0.0, height - 1.0, height - 1.0, 0.5 * (height - 1)])
-    try:
-        world = science.wcs.pixel_to_world_values(xs, ys)
-        tx, ty = template.wcs.world_to_pixel_values(*world)
-    except Exception as exc:  # astropy raises several types for singular/odd WCSs
-        msg = f"cannot compare the science and template WCS: {exc}; resample the template first"
-        raise skydiff.InputError(msg) from exc
-    offset = float(np.nanmax(np.hypot(np.asarray(tx) - xs, np.asarray(ty) - ys)))
-    if not offset <= max_wcs_offset:
-        msg = (f"the template WCS is offset by {offset:.3g} pixels from the science WCS (limit "
-               f"{max_wcs_offset:g}); resample the template onto the science pixel grid first")
-        raise skydiff.InputError(msg)
-
-
 def _plane_bits(exposure: skydiff.Exposure, names: Sequence[str]) -> int:
     present = [name for name in names if name in exposure.mask_planes.names]
     return exposure.mask_planes.value(*present) if present else 0
-
-
-def template_coverage(science: skydiff.Exposure, template: skydiff.Exposure) -> float:
-    """Fraction of pixels where neither the science nor the template is ``NO_DATA``.
-
-    Counted by row blocks, without full-size temporaries.
-    """
-    bits = [(exposure.mask, np.uint32(_plane_bits(exposure, ("NO_DATA",))))
-            for exposure in (science, template)]
-    bits = [(mask, value) for mask, value in bits if value]
-    if not bits:
-        return 1.0
-    n_bad = 0
-    for r0 in range(0, science.shape[0], _ROW_BLOCK):
-        rows = slice(r0, r0 + _ROW_BLOCK)
-        bad = (bits[0][0][rows] & bits[0][1]) != 0
-        for mask, value in bits[1:]:
-            bad |= (mask[rows] & value) != 0
-        n_bad += int(np.count_nonzero(bad))
-    return float(1.0 - n_bad / science.image.size)
-
-
-def variance_factor(exposure: skydiff.Exposure, *, max_pixels: int = 1 << 19,
-                    tile: int = 512) -> float:
-    r"""The variance-plane correction factor of an exposure, from a sample of tiles.
-
-    :func:`skydiff.stats.variance_scale_factor` (``ScaleVarianceTask``: squared ratio of the
-    measured noise to the noise the variance plane predicts) is a global statistic; an
-    image larger than ``max_pixels`` is sampled with ``max_pixels / tile²`` tiles of
-    ``tile`` × ``tile`` pixels spread evenly over it, and the factors of the tiles are
-    averaged. Half a million pixels determine the factor to about 0.3 % (the IQR-based
-    noise estimate of :math:`N` Gaussian values has a relative error of about
-    :math:`1.1/\sqrt N`; the factor, a square, twice that), well inside the 5 %
-    tolerance of the upstream tests.
-
-    Parameters
-    ----------
-    exposure : skydiff.Exposure
-        The exposure.
-    max_pixels : int, optional
-        Largest number of pixels evaluated.
-    tile : int, optional
-        Side of the sampled tiles.
-
-    Returns
-    -------
-    float
-        The factor :math:`f` (multiply the variance plane by it).
-    """
-    from skydiff.stats import variance_scale_factor
-
-    height, width = exposure.shape
-    if height * width <= max_pixels or min(height, width) < 2 * tile:
-        return float(variance_scale_factor(exposure))
-    n_tiles = max(1, max_pixels // (tile * tile))
-    n_rows = max(1, min(height // tile, round(math.sqrt(n_tiles * height / width))))
-    n_cols = max(1, min(width // tile, n_tiles // n_rows))
-    row_starts = np.linspace(0, height - tile, n_rows).astype(int)
-    col_starts = np.linspace(0, width - tile, n_cols).astype(int)
-    factors = []
-    for r0 in row_starts:
-        for c0 in col_starts:
-            cut = exposure.cutout(slice(r0, r0 + tile), slice(c0, c0 + tile))
-            try:
-                factors.append(float(variance_scale_factor(cut)))
-            except skydiff.InputError:  # a fully masked tile
-                continue
-    if not factors:
-        return float(variance_scale_factor(exposure))
-    return float(np.mean(factors))
 
 
 def scale_variances(science: skydiff.Exposure, template: skydiff.Exposure
                     ) -> tuple[skydiff.Exposure, skydiff.Exposure, float, float]:
     r"""Rescale both variance planes to the measured pixel noise (``ScaleVarianceTask``).
 
-    The factor :math:`f` of :func:`variance_factor` (squared ratio of the measured to the
-    predicted noise of the background-subtracted image) multiplies each variance plane. The
-    two exposures are handled in parallel threads.
+    The factor :math:`f` of :func:`skydiff.variance_scale_factor` (squared ratio of the
+    measured to the predicted noise of the background-subtracted image, from a sample of
+    tiles on large images) multiplies each variance plane. The two exposures are handled in
+    parallel threads.
 
     Returns
     -------
@@ -205,7 +87,7 @@ def scale_variances(science: skydiff.Exposure, template: skydiff.Exposure
     """
 
     def scaled(exposure: skydiff.Exposure) -> tuple[skydiff.Exposure, float]:
-        factor = variance_factor(exposure)
+        factor = skydiff.variance_scale_factor(exposure, max_pixels=1 << 19)
         return (exposure.evolve(variance=frozen(exposure.variance * np.float32(factor))),
                 factor)
 

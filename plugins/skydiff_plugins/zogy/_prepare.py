@@ -2,9 +2,6 @@ r"""Input preparation for the ``zogy`` subtraction: checks, masks, sky, filled p
 
 Everything here returns new arrays or exposures; the caller's exposures are never modified.
 
-* :func:`validate_pair` -- same shape and origin, WCSs within a tolerance;
-* :func:`template_coverage` -- the fraction of pixels with data in both images;
-* :func:`variance_factor` -- ``ScaleVarianceTask`` on a tile sample of large images;
 * :func:`mask_hygiene` -- the template planes kept for the difference (``SAT`` copied to
   ``SAT_TEMPLATE``), the science's detection planes cleared;
 * :func:`fill_mask` -- the pixels replaced before the FFTs (masked planes, non-finite values);
@@ -32,9 +29,6 @@ __all__ = [
     "plane_bits",
     "sampled_median",
     "sky_background",
-    "template_coverage",
-    "validate_pair",
-    "variance_factor",
 ]
 
 
@@ -42,97 +36,6 @@ def plane_bits(planes: skydiff.MaskPlanes, names: Sequence[str]) -> int:
     """The bits of the named planes that ``planes`` defines (0 if none)."""
     present = [name for name in names if name in planes.names]
     return planes.value(*present) if present else 0
-
-
-def validate_pair(science: object, template: object, *, max_wcs_offset: float) -> None:
-    """Check that two exposures can be subtracted pixel by pixel.
-
-    Parameters
-    ----------
-    science, template : skydiff.Exposure
-        The inputs.
-    max_wcs_offset : float
-        Largest distance (science pixels) between a science pixel and the template pixel the
-        template WCS puts at the same sky position, checked at the corners and the centre
-        when both exposures have a WCS.
-
-    Raises
-    ------
-    skydiff.InputError
-        If an input is not an Exposure, or shapes, origins or WCSs disagree.
-    """
-    for name, value in (("science", science), ("template", template)):
-        if not isinstance(value, skydiff.Exposure):
-            msg = f"{name} must be a skydiff.Exposure, got {type(value).__name__}"
-            raise skydiff.InputError(msg)
-    assert isinstance(science, skydiff.Exposure) and isinstance(template, skydiff.Exposure)
-    if science.shape != template.shape or science.origin != template.origin:
-        msg = (f"template {template.shape} at origin {template.origin} is not on the science "
-               f"grid {science.shape} at origin {science.origin}; resample the template onto "
-               "the science pixel grid first (e.g. with a template_getter)")
-        raise skydiff.InputError(msg)
-    if science.wcs is None or template.wcs is None:
-        return
-    height, width = science.shape
-    xs = np.array([0.0, width - 1.0, 0.0, width - 1.0, 0.5 * (width - 1)])
-    ys = np.array([0.0, 0.0, height - 1.0, height - 1.0, 0.5 * (height - 1)])
-    try:
-        world = science.wcs.pixel_to_world_values(xs, ys)
-        tx, ty = template.wcs.world_to_pixel_values(*world)
-    except Exception as exc:  # astropy raises several types for singular/odd WCSs
-        msg = f"cannot compare the science and template WCS: {exc}; resample the template first"
-        raise skydiff.InputError(msg) from exc
-    offset = float(np.nanmax(np.hypot(np.asarray(tx) - xs, np.asarray(ty) - ys)))
-    if not offset <= max_wcs_offset:
-        msg = (f"the template WCS is offset by {offset:.3g} pixels from the science WCS (limit "
-               f"{max_wcs_offset:g}); resample the template onto the science pixel grid first")
-        raise skydiff.InputError(msg)
-
-
-def template_coverage(science: skydiff.Exposure, template: skydiff.Exposure) -> float:
-    """Fraction of pixels where neither image is ``NO_DATA`` nor non-finite."""
-    missing = np.zeros(science.shape, dtype=bool)
-    for exposure in (science, template):
-        bits = plane_bits(exposure.mask_planes, ("NO_DATA",))
-        if bits:
-            missing |= (exposure.mask & np.uint32(bits)) != 0
-        missing |= ~np.isfinite(exposure.image)
-    return float(1.0 - np.count_nonzero(missing) / missing.size)
-
-
-def variance_factor(exposure: skydiff.Exposure, *, max_pixels: int = 1 << 19,
-                    tile: int = 512) -> float:
-    r"""The variance-plane correction factor (``ScaleVarianceTask``) of an exposure.
-
-    :func:`skydiff.variance_scale_factor` -- the squared ratio of the measured pixel noise to
-    the noise the variance plane predicts -- on the whole image when it has at most
-    ``max_pixels`` pixels, else the mean over ``max_pixels / tile²`` tiles spread evenly over
-    it: half a million pixels give the factor to about 0.3 % (the IQR noise estimate of
-    :math:`N` Gaussian values has a relative error :math:`1.1/\sqrt N`, the factor twice
-    that).
-
-    Returns
-    -------
-    float
-        The factor :math:`f` (multiply the variance plane by it).
-    """
-    height, width = exposure.shape
-    if height * width <= max_pixels or min(height, width) < 2 * tile:
-        return float(skydiff.variance_scale_factor(exposure))
-    n_tiles = max(1, max_pixels // (tile * tile))
-    n_rows = max(1, min(height // tile, round(math.sqrt(n_tiles * height / width))))
-    n_cols = max(1, min(width // tile, n_tiles // n_rows))
-    factors = []
-    for r0 in np.linspace(0, height - tile, n_rows).astype(int):
-        for c0 in np.linspace(0, width - tile, n_cols).astype(int):
-            cut = exposure.cutout(slice(r0, r0 + tile), slice(c0, c0 + tile))
-            try:
-                factors.append(float(skydiff.variance_scale_factor(cut)))
-            except skydiff.InputError:  # a fully masked tile
-                continue
-    if not factors:
-        return float(skydiff.variance_scale_factor(exposure))
-    return float(np.mean(factors))
 
 
 def mask_hygiene(science: skydiff.Exposure, template: skydiff.Exposure, *,

@@ -76,9 +76,6 @@ from ._prepare import (
     mask_hygiene,
     sampled_median,
     sky_background,
-    template_coverage,
-    validate_pair,
-    variance_factor,
 )
 from ._stars import (
     FluxRatio,
@@ -433,8 +430,8 @@ class ZogySubtraction(skydiff.Subtraction):
         """
         config = self.config
         timings: dict[str, dict[str, float]] = {}
-        validate_pair(science, template, max_wcs_offset=config.max_wcs_offset)
-        coverage = template_coverage(science, template)
+        skydiff.validate_pair(science, template, max_wcs_offset=config.max_wcs_offset)
+        coverage = skydiff.template_coverage(science, template)
         if coverage < config.required_template_fraction:
             msg = (f"the template covers {coverage:.1%} of the science image, less than the "
                    f"required {config.required_template_fraction:.1%}")
@@ -481,7 +478,7 @@ class ZogySubtraction(skydiff.Subtraction):
             exposure, label = item
             factor = 1.0
             if config.do_scale_variance:
-                factor = variance_factor(exposure)
+                factor = skydiff.variance_scale_factor(exposure, max_pixels=1 << 19)
                 exposure = exposure.evolve(
                     variance=_frozen(exposure.variance * np.float32(factor)))
             exposure, psf_source = self._estimate_psf(exposure, label)

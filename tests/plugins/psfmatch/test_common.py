@@ -1,6 +1,6 @@
 """Input preparation helpers of the PSF-matching plugins (``_common``) against plain NumPy.
 
-Mask bookkeeping with different bit layouts, template coverage, the separable evaluation of
+Mask bookkeeping with different bit layouts, the separable evaluation of
 spatial polynomials and the BLAS-serial matrix product.
 """
 
@@ -15,7 +15,6 @@ from skydiff_plugins.psfmatch._common import (
     merge_masks,
     serial_matmul,
     spatial_image,
-    template_coverage,
 )
 
 
@@ -76,22 +75,6 @@ def test_mask_hygiene_moves_and_clears_planes_and_shares_unchanged_masks() -> No
     cleared, _ = mask_hygiene(detected, template, preserve_template_planes=("NO_DATA",))
     assert not cleared.masked("DETECTED").any()
     np.testing.assert_array_equal(cleared.masked("CR", "SAT"), science.masked("CR", "SAT"))
-
-
-def test_template_coverage_counts_no_data_in_either_image() -> None:
-    planes = skydiff.MaskPlanes({"BAD": 0, "NO_DATA": 3})
-    other = skydiff.MaskPlanes({"NO_DATA": 6})
-    shape = (300, 20)
-    s_mask = np.zeros(shape, np.uint32)
-    s_mask[:30] = planes.value("NO_DATA")
-    s_mask[30:60] = planes.value("BAD")  # BAD does not count
-    t_mask = np.zeros(shape, np.uint32)
-    t_mask[250:] = other.value("NO_DATA")
-    coverage = template_coverage(_exposure(s_mask, planes), _exposure(t_mask, other))
-    assert coverage == pytest.approx(1.0 - 80 / 300)
-    bare = skydiff.MaskPlanes({"BAD": 0})
-    assert template_coverage(_exposure(np.zeros(shape, np.uint32), bare),
-                             _exposure(np.zeros(shape, np.uint32), bare)) == 1.0
 
 
 @pytest.mark.parametrize("kind", ["chebyshev", "polynomial"])
