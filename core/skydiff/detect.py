@@ -222,6 +222,9 @@ CATALOG_COLUMNS: tuple[CatalogColumn, ...] = (
     CatalogColumn("dipole_single_chi2dof", "", "dipole_fit",
                   "Reduced chi-square of the best single-PSF model over the same pixels."),
     CatalogColumn("dipole_n_data", None, "dipole_fit", "Number of pixels in the dipole fit."),
+    CatalogColumn("dipole_dof", None, "dipole_fit",
+                  "Degrees of freedom of the dipole fit: dipole_n_data minus the number of fitted "
+                  "parameters."),
     CatalogColumn("dipole_sn", "", "dipole_fit", "Signal-to-noise ratio of the dipole fit."),
     CatalogColumn("dipole_fit_flag", None, "dipole_fit",
                   "True where no dipole was fitted or the fit failed."),
@@ -303,9 +306,12 @@ class DetectAndMeasureConfig(Config):
     sky_source_radius: float = RangeField(
         8.0, min=1.0, doc="Radius in pixels of the sky-source disks.")
     sky_source_avoid_planes: tuple[str, ...] = ListField(
-        ("DETECTED", "DETECTED_NEGATIVE", "BAD", "NO_DATA", "EDGE"), dtype=str,
+        ("DETECTED", "DETECTED_NEGATIVE", "BAD", "NO_DATA", "EDGE", "SAT", "SAT_TEMPLATE"),
+        dtype=str,
         doc="Mask planes a sky-source disk must not touch (besides the footprints); planes "
-            "the difference does not define are ignored.")
+            "the difference does not define are ignored. SAT and SAT_TEMPLATE are included "
+            "because a detection peaking on saturated pixels is rejected and leaves no "
+            "DETECTED mask behind.")
     sky_source_seed: int = RangeField(
         0, min=0, doc="Seed of the scrambled Halton sequence of sky-source positions.")
     remove_flagged: tuple[str, ...] = ListField(

@@ -711,10 +711,6 @@ def test_sky_sources_avoid_detections_and_the_avoided_planes(faint, null_runs, v
         assert sky_source_overlaps(result, planes) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sky sources may overlap SAT and SAT_TEMPLATE pixels: the detections rejected for "
-    "peaking on saturated pixels leave no DETECTED mask and SAT/SAT_TEMPLATE are not in "
-    "sky_source_avoid_planes (3 of 100 sky sources here)"))
 def test_sky_sources_avoid_every_masked_pixel(masked) -> None:
     # The brief: "sky sources never overlap detections or masked pixels". Masked = any
     # plane that makes a pixel unusable for measurement, saturation included.
@@ -747,8 +743,5 @@ def test_default_catalog_has_every_documented_column(bright) -> None:
     assert all(catalog[name].description for name in catalog.colnames)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the default catalog also has dipole_dof (added by dipole_fit for the chi2 classifier), "
-    "which skydiff.CATALOG_COLUMNS and the column table of docs/user/detection.md lack"))
 def test_default_catalog_has_only_documented_columns(bright) -> None:
     assert set(bright.result.detection.catalog.colnames) == documented_columns()

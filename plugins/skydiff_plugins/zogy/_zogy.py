@@ -810,6 +810,11 @@ class ZogySubtraction(skydiff.Subtraction):
         score_planes = score_planes.with_plane("EDGE")
         edge_d = max(support_radius(f.psf_d, fraction=_EDGE_FRACTION) for f in filters)
         edge_s = max(support_radius(f.psf_s, fraction=_EDGE_FRACTION) for f in filters)
+        if 2 * edge_d >= min(science.shape):
+            msg = (f"the difference PSF reaches {edge_d} px, so its EDGE margin covers the whole "
+                   f"{science.shape[0]}x{science.shape[1]} image; use a larger image or smaller "
+                   "PSF models (e.g. trim the PSF images)")
+            raise skydiff.NoWorkFound(msg)
         diff_mask |= _edge(science.shape, edge_d) \
             << np.uint32(diff_planes.bit("EDGE"))
         score_mask |= _edge(science.shape, edge_s) \
