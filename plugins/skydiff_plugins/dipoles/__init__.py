@@ -1,10 +1,11 @@
 """Dipoles: a joint PSF-dipole fit and two dipole classifiers.
 
 * ``measurement: dipole_fit`` — a positive and a negative PSF lobe fitted jointly to the
-  difference, the science image and the matched template (each weighted by its variance
-  plane), with a local background in the science and template planes, tied or free lobe
-  fluxes, bounded robust least squares, a sandwich covariance, and a single-PSF fit of the
-  difference for comparison (:class:`DipoleFitMeasurement`).
+  difference, the science image and the matched template (each plane with its own PSF and
+  weighted by its variance plane and its noise correlation, estimated on its sky), with a
+  local background in the science and template planes, tied or free lobe fluxes, bounded
+  robust least squares, a sandwich covariance with the correlated noise, and a single-PSF
+  fit of the difference for comparison (:class:`DipoleFitMeasurement`).
 * ``dipole_classifier: sn_flux_ratio`` — the lsst.ip.diffim rule: S/N above 5√2 and
   balanced lobes (:class:`SnFluxRatioClassifier`).
 * ``dipole_classifier: chi2`` — the dipole against the single PSF by a χ² test at a given

@@ -6,20 +6,27 @@ footprint's bounding box grown by ``margin`` are fitted with (details in ``_mode
 
 .. math::
 
-    d &\approx F_+ P(\mathbf x - \mathbf x_+) - F_- P(\mathbf x - \mathbf x_-), \\
-    s &\approx F_+ P(\mathbf x - \mathbf x_+) + B(\mathbf x), \\
-    t &\approx F_- P(\mathbf x - \mathbf x_-) + B(\mathbf x),
+    d &\approx F_+ P_d(\mathbf x - \mathbf x_+) - F_- P_d(\mathbf x - \mathbf x_-), \\
+    s &\approx F_+ P_s(\mathbf x - \mathbf x_+) + B(\mathbf x), \\
+    t &\approx F_- P_t(\mathbf x - \mathbf x_-) + B(\mathbf x),
 
-where :math:`d` is the difference, :math:`s` the science image, :math:`t` the matched template,
-:math:`P` the difference PSF (unit sum, evaluated at the source, shifted by the Fourier shift
-theorem) and :math:`B` a local polynomial background of order 0 or 1. A missing science image
-is reconstructed as :math:`d + t` (variance :math:`\max(V_d - V_t, V_d/10)`), a missing
-template as :math:`s - d`; with neither (or ``rel_weight`` 0) only the difference is fitted.
-Pixel weights are the inverse variances of each plane, times ``rel_weight`` for the science
-and template planes (DMTN-007's relative weight; lsst.ip.diffim ignores the variance planes).
+where :math:`d` is the difference, :math:`s` the science image, :math:`t` the matched
+template, each modelled with its own PSF (unit sum, evaluated at the source, shifted by the
+Fourier shift theorem): :math:`P_d` the difference's, :math:`P_s` = ``science.psf``,
+:math:`P_t` = ``template.psf`` (for a template convolved with the matching kernel :math:`K`,
+``al`` and ``model_psf`` set it to :math:`P_T \otimes K`, close to the science PSF); the
+difference's PSF models a plane whose exposure has none and a reconstructed plane.
+:math:`B` is a local polynomial background of order 0 or 1. A missing science image is
+reconstructed as :math:`d + t` (variance :math:`\max(V_d - V_t, V_d/10)`), a missing
+template as :math:`s - d`; with neither (or ``rel_weight`` 0) only the difference is
+fitted. Pixel weights are the inverse variances of each plane, divided by the plane's noise
+factor :math:`\eta_a` (with ``correlated_noise``) and times ``rel_weight`` for the science
+and template planes (DMTN-007's relative weight; lsst.ip.diffim ignores the variance
+planes). The noise correlations of the planes (``_noise``) are estimated once per call on
+the image's blank sky.
 
 The same pixels of the difference are also fitted with a single PSF of either sign,
-:math:`d \approx F P(\mathbf x - \mathbf x_0)`, for ``dipole_single_chi2dof`` (the ``chi2``
+:math:`d \approx F P_d(\mathbf x - \mathbf x_0)`, for ``dipole_single_chi2dof`` (the ``chi2``
 dipole classifier compares the two).
 
 Initial lobe positions are the detection's strongest positive and negative peaks
@@ -282,13 +289,15 @@ class DipoleFitMeasurement(skydiff.Measurement):
     r"""Fit a PSF dipole jointly to the difference, science and template of each candidate.
 
     The model (fitted to the footprint's bounding box grown by ``margin``) is
-    :math:`d = F_+ P_+ - F_- P_-`, :math:`s = F_+ P_+ + B`, :math:`t = F_- P_- + B` with
-    :math:`P_\pm` the difference PSF at the lobe centroids and :math:`B` a local background;
-    pixels are weighted by their inverse variances (times ``rel_weight`` for :math:`s` and
-    :math:`t`); bounded robust least squares (:func:`scipy.optimize.least_squares`); errors
-    from a sandwich covariance that accounts for :math:`d = s - t` and is not rescaled by the
-    reduced :math:`\chi^2`. The same difference pixels are also fitted with one PSF of either
-    sign. The package documentation gives the details.
+    :math:`d = F_+ P^d_+ - F_- P^d_-`, :math:`s = F_+ P^s_+ + B`, :math:`t = F_- P^t_- + B`
+    with :math:`P^a_\pm` plane :math:`a`'s own PSF at the lobe centroids (the difference's
+    for a plane without one) and :math:`B` a local background; pixels are weighted by their
+    inverse variances over the plane's noise factor (the correlation of its noise, estimated
+    on its sky) and times ``rel_weight`` for :math:`s` and :math:`t`; bounded robust least
+    squares (:func:`scipy.optimize.least_squares`); errors from a sandwich covariance with the
+    estimated noise correlations within and between the planes, not rescaled by the reduced
+    :math:`\chi^2`. The same difference pixels are also fitted with one PSF of either sign.
+    The package documentation gives the details.
 
     Output columns (one row per input source, NaN and ``dipole_fit_flag`` True where not
     fitted): ``dipole_pos_flux``, ``dipole_neg_flux`` (both positive numbers; the model is
@@ -337,7 +346,12 @@ class DipoleFitMeasurement(skydiff.Measurement):
         skydiff.MeasurementResult
             The columns listed in the class documentation; metadata ``n_candidates``,
             ``n_fitted``, ``n_failed``, ``fit_mode`` (``"joint"`` or ``"difference"``),
-            ``reconstructed`` (``"science"``, ``"template"`` or ``"none"``) and ``has_psf``.
+            ``reconstructed`` (``"science"``, ``"template"`` or ``"none"``), ``has_psf``,
+            ``plane_psfs`` (``{"science": "own" | "difference", "template": ...}``: whose PSF
+            models each plane), ``noise_correlation`` (``"estimated"``, ``"unavailable"`` when
+            too little sky was left to estimate it, ``"independent"`` when not asked for or
+            nothing was fitted), ``noise_factors`` (``{plane: eta}``) and ``noise_pixels``
+            (the sky pixels of the estimate).
 
         Raises
         ------

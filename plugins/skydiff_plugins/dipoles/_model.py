@@ -9,27 +9,34 @@ inside the fit box). The weight of pixel :math:`i` of plane :math:`a` is
 
 .. math::
 
-    w_{a,i} = \frac{\lambda_a}{V_{a,i}}, \qquad \lambda_d = 1,\ \lambda_s = \lambda_t =
-    \lambda \ (\texttt{rel\_weight}),
+    w_{a,i} = \frac{\lambda_a}{\eta_a V_{a,i}}, \qquad \lambda_d = 1,\ \lambda_s =
+    \lambda_t = \lambda \ (\texttt{rel\_weight}),
 
-and 0 for invalid pixels.
+and 0 for invalid pixels, with :math:`\eta_a` the plane's noise factor (``_noise``: the
+true variance of a PSF-weighted sum of its pixels over the one its variance plane predicts
+for independent pixels; 1 when the noise correlations are not used). A plane whose pixels
+are averages of :math:`\sim\eta` independent ones (the matched template) thus gets the
+weight of the information it really holds.
 
 Models
 ------
-With :math:`M_\pm = M(x_\pm, y_\pm)` the unit-flux PSF lobes (``_lobes``) and
-:math:`B(x) = \sum_k b_k T_k(x)` a polynomial background (``1`` or ``1, u, v`` with
-:math:`u, v` the stamp coordinates scaled to :math:`[-1, 1]`):
+With :math:`M^a_\pm = M^a(x_\pm, y_\pm)` the unit-flux lobes of plane :math:`a`'s own PSF
+(``_lobes``) and :math:`B(x) = \sum_k b_k T_k(x)` a polynomial background (``1`` or
+``1, u, v`` with :math:`u, v` the stamp coordinates scaled to :math:`[-1, 1]`):
 
 .. math::
 
-    d &\approx F_+ M_+ - F_- M_-, \\
-    s &\approx F_+ M_+ + B, \\
-    t &\approx F_- M_- + B,
+    d &\approx F_+ M^d_+ - F_- M^d_-, \\
+    s &\approx F_+ M^s_+ + B, \\
+    t &\approx F_- M^t_- + B,
 
-with :math:`F_- = F_+` when the fluxes are tied. :math:`B` cancels in :math:`s - t`, so the
-difference plane has no background and the three planes stay consistent with
-:math:`d = s - t`. The single-PSF model of the difference is :math:`d \approx F\,M(x_0, y_0)`
-with a signed :math:`F`.
+with :math:`F_- = F_+` when the fluxes are tied; positions and fluxes are shared by the
+planes. :math:`B` cancels in :math:`s - t`, so the difference plane has no background. When
+the difference is the plain :math:`s - t` of a PSF-matched pair, :math:`M^d = M^s = M^t`;
+a decorrelated difference :math:`\phi \otimes (s - t)` has the PSF :math:`\phi \otimes P_s`
+(sharper than the science's), which describes the difference and only the difference. The
+single-PSF model of the difference is :math:`d \approx F\,M^d(x_0, y_0)` with a signed
+:math:`F`.
 
 Estimator
 ---------
@@ -42,39 +49,57 @@ scale :math:`f` (in units of the noise), under the bounds :math:`|x_\pm - x^0_\p
 
 Covariance
 ----------
-The three planes are not independent: :math:`d = s - t` pixel by pixel when the difference
-is the plain subtraction, and the relative weight :math:`\lambda` is not a noise level, so
-the weighted-least-squares covariance :math:`(J^\mathsf{T}WJ)^{-1}` is wrong (on the test
-dipoles its tied-flux errors are ~1.4 times too large). The covariance is the M-estimator
+The three planes are not independent (:math:`d = s - t` pixel by pixel for a plain
+difference, a filtered :math:`s - t` for a decorrelated one), the pixels of a plane may be
+correlated, and the weights are not inverse noise covariances, so the weighted-least-squares
+covariance :math:`(J^\mathsf{T}WJ)^{-1}` is wrong. The covariance is the M-estimator
 sandwich
 
 .. math::
 
     \mathrm{Cov}(\hat\theta) = H^{-1} \Big(\sum_{a,b} \sqrt{\kappa_a \kappa_b}\,
-    A_a^\mathsf{T}\,\mathrm{diag}(w_a\, C_{ab}\, w_b)\,A_b\Big) H^{-1}, \qquad
+    (W_a A_a)^\mathsf{T}\, C_{ab}\, (W_b A_b)\Big) H^{-1}, \qquad
     H = \sum_a A_a^\mathsf{T} \mathrm{diag}(w_a \psi'_a) A_a,
 
-with :math:`A_a = \partial m_a / \partial\theta` (model Jacobian),
-:math:`\psi'_a = \rho' + 2 z \rho''` the loss curvature at each pixel's residual (1 for the
-linear loss; small for a residual the robust loss discounts, which then carries less
-information), :math:`\kappa_a = E[\psi(r)^2] / E[r^2]` with :math:`\psi(r) = \rho'(r^2/f^2)\,r`
-the expected gradient factor for Gaussian residuals :math:`r \sim N(0, \lambda_a)` (Gauss-Hermite
-quadrature; 1 for the linear loss, 0.78 for ``soft_l1`` with :math:`f = 3`, where the sandwich
-is then 0.8 % above the linear one: the robust loss costs almost no efficiency), and
-:math:`C_{ab}` the per-pixel noise covariance of the planes:
+with :math:`A_a = \partial m_a / \partial\theta` (model Jacobian), :math:`W_a =
+\mathrm{diag}(w_a)`, :math:`\psi'_a = \rho' + 2 z \rho''` the loss curvature at each pixel's
+residual (1 for the linear loss; small for a residual the robust loss discounts, which then
+carries less information), :math:`\kappa_a = E[\psi(r)^2] / E[r^2]` with
+:math:`\psi(r) = \rho'(r^2/f^2)\,r` the expected gradient factor for Gaussian residuals
+:math:`r \sim N(0, \lambda_a \rho_{aa}(0) / \eta_a)` (Gauss-Hermite quadrature; 1 for the
+linear loss, 0.78 for ``soft_l1`` with :math:`f = 3` and unit variance, where the sandwich is
+then 0.8 % above the linear one: the robust loss costs almost no efficiency), and
+:math:`C_{ab}` the noise covariance of the pixels of planes :math:`a` and :math:`b`:
 
-.. math::
+* with the estimated noise correlations :math:`\rho_{ab}` (``_noise``, the default),
 
-    C_{dd} = V_d,\ C_{ss} = V_s,\ C_{tt} = V_t,\ C_{st} = 0,\
-    C_{ds} = q V_s,\ C_{dt} = -q V_t, \qquad q = \min\!\Big(1, \sqrt{V_d / (V_s + V_t)}\Big),
+  .. math::
 
-i.e. the difference is :math:`s - t` (:math:`q = 1`) plus, when :math:`V_d > V_s + V_t`,
-independent extra noise, or a rescaled :math:`s - t` when :math:`V_d < V_s + V_t` (e.g. a
-decorrelated difference); :math:`C` is positive semi-definite either way (the cross terms use
-:math:`\sqrt{\kappa_a\kappa_b}`, exact for perfectly correlated planes). For the
-difference-only fit with the linear loss this reduces to :math:`H^{-1}`. The covariance is
-**not** rescaled by the reduced :math:`\chi^2`. Parameters that do not affect the model (the
-position of a lobe whose flux is at the bound 0) get NaN errors.
+      C_{ab}(\mathbf i, \mathbf j) = \sqrt{V_a(\mathbf i)\, V_b(\mathbf j)}\;
+      \rho_{ab}(\mathbf j - \mathbf i),
+
+  which covers the correlations within each plane and between planes (a plain difference
+  shares the science's and the template's noise, a decorrelated one a filtered version of
+  it) as measured on the sky; the double sum over pixel pairs is a correlation, computed
+  with FFTs (:func:`_correlated_meat`);
+* for independent pixels (``correlated_noise`` off, or too little sky to estimate),
+  :math:`C^0`, diagonal in the pixels:
+
+  .. math::
+
+      C^0_{dd} = V_d,\ C^0_{ss} = V_s,\ C^0_{tt} = V_t,\ C^0_{st} = 0,\
+      C^0_{ds} = q V_s,\ C^0_{dt} = -q V_t, \qquad
+      q = \min\!\Big(1, \sqrt{V_d / (V_s + V_t)}\Big),
+
+  i.e. the difference is :math:`s - t` (:math:`q = 1`) plus, when :math:`V_d > V_s + V_t`,
+  independent extra noise, or a rescaled :math:`s - t` when :math:`V_d < V_s + V_t`;
+  positive semi-definite either way.
+
+The cross terms use :math:`\sqrt{\kappa_a\kappa_b}` (exact for perfectly correlated
+planes). For the difference-only fit with the linear loss and independent pixels this
+reduces to :math:`H^{-1}`. The covariance is **not** rescaled by the reduced
+:math:`\chi^2`. Parameters that do not affect the model (the position of a lobe whose flux
+is at the bound 0) get NaN errors.
 
 :math:`\chi^2` values are plain (not robust) sums over the valid difference pixels,
 :math:`\chi^2 = \sum_i (d_i - m_{d,i})^2 / V_{d,i}`, for both models.
