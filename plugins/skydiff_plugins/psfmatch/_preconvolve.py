@@ -85,6 +85,12 @@ class AlPreconvolveConfig(PsfMatchConfig):
             "pre-filtering (they stay flagged, dilated by the pre-filter).")
     background_bin_size: int = skydiff.RangeField(
         64, min=4, doc="Bin size (pixels) of the sky mesh that fills bad science pixels.")
+    prefilter_flux_fraction: float = skydiff.RangeField(
+        1.0, min=0.9, max=1.0,
+        doc="The pre-filter is the smallest centred square of the science PSF image holding "
+            "this fraction of its flux (1, the default: the whole image). With large PSF "
+            "images (e.g. 205 px WebbPSF models) 0.9999 avoids a border of half their size "
+            "and a huge difference PSF, for a negligible loss of S/N.")
 
     def _validate(self) -> None:
         if (self.kernel_source == "model_psf" and self.fit_background
@@ -94,8 +100,19 @@ class AlPreconvolveConfig(PsfMatchConfig):
             raise skydiff.ConfigError(msg)
 
 
-def prefilter_kernel(science: skydiff.Exposure) -> np.ndarray:
+def prefilter_kernel(science: skydiff.Exposure, *, flux_fraction: float = 1.0) -> np.ndarray:
     r"""The pre-filter :math:`H`: the science PSF at its average position, reflected.
+
+    The PSF image is first cropped to the smallest centred odd square (at least 3 × 3)
+    holding ``flux_fraction`` of its summed absolute value; a matched filter truncated where
+    it holds 99.5 % of the flux loses about 0.25 % of the optimal S/N.
+
+    Parameters
+    ----------
+    science : skydiff.Exposure
+        The science exposure (its PSF is used).
+    flux_fraction : float, optional
+        Fraction of the PSF flux the cropped image must hold (1: no cropping).
 
     Returns
     -------
@@ -117,6 +134,14 @@ def prefilter_kernel(science: skydiff.Exposure) -> np.ndarray:
     if image.ndim != 2 or image.shape[0] % 2 == 0 or image.shape[1] % 2 == 0 or not total > 0:
         msg = f"the science PSF image must be odd-sized with a positive sum, got {image.shape}"
         raise skydiff.InputError(msg)
+    if flux_fraction < 1.0 and image.shape[0] == image.shape[1] and image.shape[0] > 3:
+        half = image.shape[0] // 2
+        offsets = np.abs(np.arange(image.shape[0]) - half)
+        ring = np.maximum(offsets[:, None], offsets[None, :])  # Chebyshev distance to centre
+        enclosed = np.cumsum(np.bincount(ring.ravel(), weights=np.abs(image).ravel()))
+        keep = max(1, int(np.searchsorted(enclosed, flux_fraction * enclosed[-1])))
+        image = image[half - keep:half + keep + 1, half - keep:half + keep + 1]
+        total = float(image.sum())
     return np.ascontiguousarray(image[::-1, ::-1] / total)
 
 
@@ -215,7 +240,8 @@ class AlPreconvolveSubtraction(PsfMatchSubtraction):
         prepared = self._prepare(science, template, timings)
         science_p, template_p = prepared.science, prepared.template
         with self._stage("prefilter", timings):
-            prefilter = prefilter_kernel(science_p)
+            prefilter = prefilter_kernel(science_p,
+                                         flux_fraction=self.config.prefilter_flux_fraction)
             filtered = skydiff.convolve(self._fill_bad_pixels(science_p), prefilter,
                                         preserve_planes=())
         fwhm_filtered = math.sqrt(2.0) * prepared.fwhm_science

@@ -181,3 +181,26 @@ def test_model_psf_kernel_source_rejects_the_kernel_fit_background():
     with pytest.raises(skydiff.ConfigError):
         config.validate()
     assert AlPreconvolveConfig().kernel_source == "stars"
+
+
+def test_prefilter_is_cropped_to_the_requested_flux_fraction() -> None:
+    """A 101-px Gaussian PSF image (sigma 2) is cropped to the square holding 99.5 % of it.
+
+    The flux of a centred square of half-width k is erf((k + 1/2) / (sigma sqrt 2))^2 for a
+    pixel-integrated Gaussian: 0.995 needs k + 1/2 >= 2.81 sigma, i.e. k = 6 (13 x 13).
+    """
+    from skydiff_plugins.psfmatch._preconvolve import prefilter_kernel
+
+    rows, cols = np.indices((101, 101)) - 50
+    image = np.exp(-(rows**2 + cols**2) / (2 * 2.0**2))
+    shape = (64, 64)
+    science = skydiff.Exposure(np.zeros(shape), variance=np.ones(shape),
+                               psf=skydiff.ImagePsf(image / image.sum()))
+    full = prefilter_kernel(science)
+    cropped = prefilter_kernel(science, flux_fraction=0.995)
+    assert full.shape == (101, 101)
+    assert cropped.shape == (13, 13)
+    assert cropped.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(cropped / cropped.max(), full[44:57, 44:57] / full.max())
+    inner = full[45:56, 45:56].sum()  # 11 x 11 does not hold 99.5 %
+    assert inner < 0.995 <= full[44:57, 44:57].sum()
