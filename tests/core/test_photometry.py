@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.signal
 
 import skydiff
 import skydiff.photometry as photometry
@@ -242,3 +243,126 @@ def test_fit_psf_flux_error_matches_scatter() -> None:
     assert abs(pulls.mean()) < 0.064
     assert abs(chi2.mean() - 1.0) < 0.0075
     assert 20.0 < np.median(true_flux / err) < 35.0  # the S/N the comment assumes
+
+
+# -- psf_noise_scale ---------------------------------------------------------------------------
+
+
+def _noise_exposure(image: np.ndarray, variance: float, sigma_psf: float = 1.5
+                    ) -> skydiff.Exposure:
+    return skydiff.Exposure.from_arrays(
+        image.astype(np.float32), variance=np.full(image.shape, variance, np.float32),
+        psf=skydiff.GaussianPsf(sigma_psf))
+
+
+def _gaussian_kernel(sigma: float, half: int) -> np.ndarray:
+    c = np.arange(-half, half + 1, dtype=np.float64)
+    g = np.exp(-0.5 * (c[:, None] ** 2 + c[None, :] ** 2) / sigma**2)
+    return g / g.sum()
+
+
+# For white noise on a 256^2 image with a sigma = 1.5 px PSF, nu_0 has the correlation
+# rho = P*P/sum P^2 (a Gaussian of sigma sqrt(2) 1.5 px): the MAD's n_eff = n / sum g(rho)
+# with sum g ~ 1 + 0.37 (2 pi 1.5^2 - 1) ~ 5.9, so n_eff ~ 11000 and the standard error of
+# the scale is sqrt(1.36 / n_eff) = 0.011 (measured over 20 seeds: 0.0127; the function's
+# own `error` says 0.0127). Bounds below are 4 of those errors.
+
+
+def test_noise_scale_white_noise_is_one() -> None:
+    rng = np.random.default_rng(1)
+    result = photometry.psf_noise_scale(_noise_exposure(rng.normal(0.0, 3.0, (256, 256)), 9.0))
+    assert result.n_pixels == 256 * 256
+    assert 0.005 < result.error < 0.02
+    assert abs(result.scale - 1.0) < 4 * result.error  # measured 1.005
+
+
+def test_noise_scale_variance_off_by_four_is_two() -> None:
+    # The variance plane is 4 times too small: every nu_0 is twice as large.
+    rng = np.random.default_rng(2)
+    result = photometry.psf_noise_scale(_noise_exposure(rng.normal(0.0, 2.0, (256, 256)), 1.0))
+    assert abs(result.scale - 2.0) < 4 * result.error  # error ~ 0.025; measured 2.00
+
+
+def test_noise_scale_gaussian_correlated_noise_matches_analytic_factor() -> None:
+    # White noise n of unit variance smoothed by g (Gaussian, sigma 1 px): m = g * n has the
+    # per-pixel variance sigma'^2 = sum g^2, which is what the variance plane says. The
+    # PSF-weighted sum S = sum_i P_i m_i = sum_j n_j (P conv g)_j has Var S = sum (P conv g)^2,
+    # while independent pixels of variance sigma'^2 predict sum P^2 sum g^2: the measured
+    # scale must be kappa = [sum (P conv g)^2 / (sum P^2 sum g^2)]^(1/2) (continuous limit
+    # 4 pi sp^2 sg^2 / (sp^2 + sg^2) = 8.70 -> kappa = 2.95 for sp = 1.5, sg = 1). The noise
+    # is correlated, so the statistical error (~0.037) is a lower bound; bound 0.15 (5 %).
+    rng = np.random.default_rng(3)
+    g = _gaussian_kernel(1.0, 6)
+    noise = rng.normal(size=(256 + 12, 256 + 12))
+    smoothed = scipy.signal.fftconvolve(noise, g, mode="valid")
+    exposure = _noise_exposure(smoothed, float(np.sum(g**2)))
+    psf = exposure.psf.kernel_image()
+    kappa = math.sqrt(float(np.sum(scipy.signal.fftconvolve(psf, g) ** 2))
+                      / (float(np.sum(psf**2)) * float(np.sum(g**2))))
+    assert 2.9 < kappa < 3.0
+    result = photometry.psf_noise_scale(exposure)
+    assert abs(result.scale - kappa) < 0.15  # measured 2.97 vs 2.95
+
+
+def test_noise_scale_ignores_sources_masks_and_exclude() -> None:
+    # Bright point sources, a masked block of garbage and an excluded block of garbage leave
+    # the white-noise scale at 1; the 5-sigma source cut alone also removes such blocks.
+    rng = np.random.default_rng(4)
+    shape = (256, 256)
+    image = rng.normal(size=shape)
+    model = psf_stamps(skydiff.GaussianPsf(1.5), [0.0], [0.0], size=21)[0]
+    for row in range(20, 240, 40):
+        for col in range(20, 240, 40):
+            image[row - 10:row + 11, col - 10:col + 11] += 5000.0 * model
+    image[100:140, 0:40] = 1e4 * rng.normal(size=(40, 40))
+    image[0:40, 100:140] = 1e4 * rng.normal(size=(40, 40))
+    exposure = _noise_exposure(image, 1.0)
+    bad = np.zeros(shape, dtype=bool)
+    bad[100:140, 0:40] = True
+    exposure = exposure.with_mask("BAD", bad)
+    exclude = np.zeros(shape, dtype=np.int32)
+    exclude[0:40, 100:140] = 7
+    result = photometry.psf_noise_scale(exposure, exclude=exclude)
+    assert result.n_pixels < 256 * 256 - 2 * 1600
+    assert abs(result.scale - 1.0) < 0.06  # 4 errors of ~0.014; measured 1.01
+    unmasked = photometry.psf_noise_scale(_noise_exposure(image, 1.0))
+    assert abs(unmasked.scale - 1.0) < 0.06
+    assert unmasked.n_pixels < result.n_pixels + 2 * 1600
+
+
+def test_noise_scale_background_mesh_removes_a_sky_gradient() -> None:
+    # A sky of 100 + 0.5 x (in units of the noise 1): nu_0 would carry it; the mesh removes it.
+    rng = np.random.default_rng(5)
+    shape = (256, 256)
+    sky = 100.0 + 0.5 * np.arange(shape[1])[None, :] * np.ones((shape[0], 1))
+    exposure = _noise_exposure(sky + rng.normal(size=shape), 1.0)
+    result = photometry.psf_noise_scale(exposure, background_bin_size=32)
+    assert abs(result.scale - 1.0) < 0.06  # 4 errors; measured 1.00
+    assert photometry.psf_noise_scale(exposure).scale > 1.5
+
+
+def test_noise_scale_region_and_minimum() -> None:
+    rng = np.random.default_rng(6)
+    exposure = _noise_exposure(rng.normal(size=(300, 200)), 1.0)
+    result = photometry.psf_noise_scale(exposure, max_pixels=10_000)
+    assert 0 < result.n_pixels <= 10_000
+    assert abs(result.scale - 1.0) < 4 * result.error  # error ~ 0.05
+    # 30 x 30 pixels hold ~150 independent values of nu_0, fewer than needed when 2/3 of
+    # them are masked: not measured.
+    small = _noise_exposure(rng.normal(size=(30, 30)), 1.0)
+    bad = np.zeros((30, 30), dtype=bool)
+    bad[:20] = True
+    assert photometry.psf_noise_scale(small.with_mask("BAD", bad)) == (1.0, 0, pytest.approx(
+        math.nan, nan_ok=True))
+
+
+def test_noise_scale_bad_inputs() -> None:
+    exposure = _noise_exposure(np.zeros((50, 50)), 1.0)
+    with pytest.raises(skydiff.InputError):
+        photometry.psf_noise_scale(np.zeros((50, 50)))  # type: ignore[arg-type]
+    with pytest.raises(skydiff.InputError):
+        photometry.psf_noise_scale(exposure.evolve(psf=None))
+    with pytest.raises(skydiff.InputError):
+        photometry.psf_noise_scale(exposure, exclude=np.zeros((10, 10), dtype=bool))
+    with pytest.raises(skydiff.InputError):
+        photometry.psf_noise_scale(exposure, max_pixels=0)

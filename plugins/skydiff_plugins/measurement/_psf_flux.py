@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 import skydiff
-from skydiff.photometry import fit_psf_flux
+from skydiff.photometry import NoiseScale, fit_psf_flux, psf_noise_scale
 
 from ._common import (
     DEFAULT_EXCLUDED_PLANES,
@@ -19,6 +19,32 @@ from ._common import (
     result,
     usable_pixels,
 )
+
+#: Allowed values of ``error_calibration`` (shared by ``psf_flux`` and ``forced_psf``).
+ERROR_CALIBRATIONS = {
+    "measured": "multiply the flux errors by the measured noise scale of PSF-weighted sums "
+                "on the image's sky (skydiff.photometry.psf_noise_scale): corrects for pixel "
+                "noise correlated by resampling, stacking or PSF pre-filtering, and for a "
+                "mis-scaled variance plane",
+    "variance": "trust the variance plane: errors for independent pixels as computed"}
+
+#: Bins of the background mesh removed from the significance of science and template images
+#: (which still hold their sky) before their noise scale is measured.
+_FORCED_BACKGROUND_BIN = 64
+
+
+def noise_scale(exposure: skydiff.Exposure, *, exclude: np.ndarray | None,
+                bad_planes: tuple[str, ...], background_bin_size: int | None = None
+                ) -> NoiseScale:
+    """:func:`skydiff.photometry.psf_noise_scale` of ``exposure``, or ``(1, 0, nan)`` when it
+    has no usable PSF."""
+    if exposure.psf is None:
+        return NoiseScale(1.0, 0, float("nan"))
+    try:
+        return psf_noise_scale(exposure, exclude=exclude, bad_planes=bad_planes,
+                               background_bin_size=background_bin_size)
+    except (skydiff.SkydiffError, ArithmeticError, ValueError):
+        return NoiseScale(1.0, 0, float("nan"))
 
 
 class PsfPhotometry(NamedTuple):
@@ -118,6 +144,10 @@ class PsfFluxConfig(skydiff.Config):
         0.2, min=0.0, max=1.0,
         doc="Flag a source when more than this fraction of the PSF's sum of squares "
             "(its weight in the fit) falls on excluded or off-image pixels.")
+    error_calibration: str = skydiff.ChoiceField(
+        "measured", allowed=ERROR_CALIBRATIONS,
+        doc="How psf_flux_err is calibrated: by the noise measured on the difference's sky "
+            "(outside the footprints), or from the variance plane alone.")
 
 
 class PsfFluxMeasurement(skydiff.Measurement):
@@ -136,9 +166,24 @@ class PsfFluxMeasurement(skydiff.Measurement):
     (:func:`skydiff.photometry.fit_psf_flux`). The model has unit sum over the plane, so
     :math:`F` is the total flux (no aperture correction), negative for negative sources.
     Pixels of ``bad_planes``, off the image or not finite are left out. The stamp is the size
-    of the PSF image unless ``stamp_size`` is set. The error is exact for independent pixel
-    noise described by the variance plane; on a difference image whose noise is correlated
-    (no decorrelation) it is an underestimate.
+    of the PSF image unless ``stamp_size`` is set.
+
+    :math:`\sigma_F` is exact for independent pixel noise described by the variance plane; on
+    a difference whose noise is correlated (drizzled or stacked inputs, the PSF pre-filtered
+    ``al_preconvolve`` difference, no decorrelation) it is too small, by the factor
+
+    .. math:: \kappa = \Big(\sum_{ij} m_i m_j \rho_{i-j} \Big/ \sum_i m_i^2\Big)^{1/2}
+
+    for a pixel autocorrelation :math:`\rho`. With ``error_calibration = "measured"`` (the
+    default) :math:`\sigma_F` is multiplied by :math:`\hat s`, the robust standard deviation
+    over the sky pixels (outside ``inputs.footprints``, masks and grown 5-sigma sources) of
+    the matched-filtered significance :math:`\nu_0 = (D \star P)/\sqrt{V \star P^2}` of the
+    difference (:func:`skydiff.photometry.psf_noise_scale`; 1 when the image has too few sky
+    pixels): :math:`\hat s` estimates :math:`\kappa` for a constant PSF, and also corrects a
+    variance plane off by a constant factor. On white noise :math:`\hat s = 1` within about
+    1 % on a 256² image. The flux itself does not change. The scale is in the result
+    metadata (``noise_scale``, ``noise_pixels``: the sky pixels it was measured on, 0 when
+    not measured); ``"variance"`` keeps the variance-plane error.
 
     Columns: ``psf_flux``, ``psf_flux_err``, ``psf_chi2dof``, ``psf_flux_flag`` (position not
     finite, no PSF, masked or off-image centre pixel, more than ``max_masked_fraction`` of the
@@ -159,16 +204,21 @@ class PsfFluxMeasurement(skydiff.Measurement):
         catalog, difference = check_inputs(inputs, "psf_flux")
         config = self.config
         x, y = positions(catalog)
+        bad_planes = tuple(config.bad_planes)
         phot = psf_photometry(difference, difference.psf, x, y,
-                              stamp_size=int(config.stamp_size),
-                              bad_planes=tuple(config.bad_planes),
+                              stamp_size=int(config.stamp_size), bad_planes=bad_planes,
                               max_masked_fraction=float(config.max_masked_fraction),
                               fit_background=False)
+        scale = NoiseScale(1.0, 0, float("nan"))
+        if config.error_calibration == "measured" and x.size:
+            scale = noise_scale(difference, exclude=inputs.footprints, bad_planes=bad_planes)
         columns: dict[str, Any] = {
-            "psf_flux": phot.flux, "psf_flux_err": phot.flux_err,
+            "psf_flux": phot.flux, "psf_flux_err": phot.flux_err * scale.scale,
             "psf_chi2dof": phot.chi2dof, "psf_flux_flag": phot.flag,
         }
-        return result(columns, "psf_flux_flag", has_psf=difference.psf is not None)
+        return result(columns, "psf_flux_flag", has_psf=difference.psf is not None,
+                      error_calibration=str(config.error_calibration),
+                      noise_scale=float(scale.scale), noise_pixels=int(scale.n_pixels))
 
 
 @skydiff.configclass
@@ -188,6 +238,11 @@ class ForcedPsfConfig(skydiff.Config):
         0.2, min=0.0, max=1.0,
         doc="Flag a source when more than this fraction of the PSF's sum of squares falls on "
             "excluded or off-image pixels of either image.")
+    error_calibration: str = skydiff.ChoiceField(
+        "measured", allowed=ERROR_CALIBRATIONS,
+        doc="How the flux errors are calibrated: by the noise measured on each image's sky "
+            "(outside the footprints and that image's own sources), or from the variance "
+            "plane alone.")
 
 
 class ForcedPsfMeasurement(skydiff.Measurement):
@@ -207,6 +262,16 @@ class ForcedPsfMeasurement(skydiff.Measurement):
 
     with :math:`\sigma_F^2 = \sum w / \det`; this costs a few per cent in
     :math:`\sigma_F` for a PSF-sized stamp and removes the bias from the sky level.
+
+    With ``error_calibration = "measured"`` (the default) each image's errors are multiplied
+    by the noise scale measured on that image, as in ``psf_flux``
+    (:func:`skydiff.photometry.psf_noise_scale` with its own PSF; ``inputs.footprints`` and
+    the image's own 5-sigma sources, grown, are not sky; with ``fit_background`` the spread
+    is taken about a 64-pixel background mesh of the significance, since these images still
+    hold their sky). Resampled or stacked templates have correlated noise, so their
+    variance-plane errors are too small. The scales are in the result metadata
+    (``noise_scale_science``, ``noise_pixels_science``, ``noise_scale_template``,
+    ``noise_pixels_template``); fluxes do not change.
 
     Columns: ``forced_science_flux``, ``forced_science_flux_err``, ``forced_template_flux``,
     ``forced_template_flux_err``, ``forced_psf_flag``. The flux of an image that is missing,
@@ -232,10 +297,12 @@ class ForcedPsfMeasurement(skydiff.Measurement):
         dx0, dy0 = origin_of(difference)
         columns: dict[str, Any] = {}
         flag = np.zeros(x.size, dtype=bool)
-        available: dict[str, bool] = {}
+        available: dict[str, Any] = {"error_calibration": str(config.error_calibration)}
+        bad_planes = tuple(config.bad_planes)
         for label in ("science", "template"):
             exposure: skydiff.Exposure | None = getattr(inputs, label)
             available[f"has_{label}"] = exposure is not None
+            scale = NoiseScale(1.0, 0, float("nan"))
             if exposure is None:
                 flux = np.full(x.size, np.nan)
                 err = flux.copy()
@@ -243,15 +310,44 @@ class ForcedPsfMeasurement(skydiff.Measurement):
             else:
                 x0, y0 = origin_of(exposure)
                 phot = psf_photometry(exposure, exposure.psf, x + (dx0 - x0), y + (dy0 - y0),
-                                      stamp_size=int(config.stamp_size),
-                                      bad_planes=tuple(config.bad_planes),
+                                      stamp_size=int(config.stamp_size), bad_planes=bad_planes,
                                       max_masked_fraction=float(config.max_masked_fraction),
                                       fit_background=bool(config.fit_background))
+                if config.error_calibration == "measured" and x.size:
+                    scale = noise_scale(
+                        exposure, exclude=_footprints_on(inputs.footprints, difference,
+                                                         exposure),
+                        bad_planes=bad_planes,
+                        background_bin_size=(_FORCED_BACKGROUND_BIN if config.fit_background
+                                             else None))
                 flux = np.where(np.isfinite(phot.flux) & np.isfinite(phot.flux_err),
                                 phot.flux, np.nan)
-                err = np.where(np.isfinite(flux), phot.flux_err, np.nan)
+                err = np.where(np.isfinite(flux), phot.flux_err * scale.scale, np.nan)
                 flag |= phot.flag
+            available[f"noise_scale_{label}"] = float(scale.scale)
+            available[f"noise_pixels_{label}"] = int(scale.n_pixels)
             columns[f"forced_{label}_flux"] = flux
             columns[f"forced_{label}_flux_err"] = err
         columns["forced_psf_flag"] = flag
         return result(columns, "forced_psf_flag", **available)
+
+
+def _footprints_on(footprints: np.ndarray | None, difference: skydiff.Exposure,
+                   exposure: skydiff.Exposure) -> np.ndarray | None:
+    """The difference's footprint pixels on ``exposure``'s grid (through the parent origins;
+    pixels outside the difference are not excluded), or None."""
+    if footprints is None:
+        return None
+    dx0, dy0 = (int(v) for v in difference.origin)
+    ex0, ey0 = (int(v) for v in exposure.origin)
+    if (dx0, dy0) == (ex0, ey0) and footprints.shape == exposure.shape:
+        return footprints
+    out = np.zeros(exposure.shape, dtype=bool)
+    height, width = exposure.shape
+    r0, c0 = dy0 - ey0, dx0 - ex0  # the difference's first pixel on the exposure's grid
+    rs, cs = max(r0, 0), max(c0, 0)
+    re = min(r0 + footprints.shape[0], height)
+    ce = min(c0 + footprints.shape[1], width)
+    if re > rs and ce > cs:
+        out[rs:re, cs:ce] = footprints[rs - r0:re - r0, cs - c0:ce - c0] != 0
+    return out
