@@ -24,25 +24,31 @@ The numbers (all on unmasked pixels: no mask bit, finite, variance > 0):
 ``robust`` and ``|z|>5``
     the robust (MAD) standard deviation of ``z`` and the fraction of pixels with
     ``|z| > 5`` (SFFT: 1.18 and 0.05 %).
+``std(nu0)``
+    the same statistic for the significance image computed from the variance planes,
+    ``nu0``: the score divided by the square root of its variance for the score methods,
+    and for ``al`` the difference correlated with its PSF over the square root of the
+    correlated variance, ``(D * P) / sqrt(V * P**2)`` (the ``threshold`` detector's matched
+    filter).
+``detector scale``
+    the factor the ``threshold`` detector divided ``nu0`` by after measuring its spread on
+    the sky (its ``noise_calibration``; metadata ``significance_scale``; 1 when it reports
+    none).
 ``std(nu)``
-    the same statistic for the image the detection thresholds, ``nu``: the score divided by
-    the square root of its variance for the score methods, and for ``al`` the difference
-    correlated with its PSF over the square root of the correlated variance,
-    ``(D * P) / sqrt(V * P**2)`` (the ``threshold`` detector's matched filter). 1 means the
+    the statistic for ``nu = nu0 / scale``, the image the detector thresholds: 1 means its
     5-sigma threshold is a 5-sigma threshold.
 ``+ / - / dipoles``
     the detections (sky sources excluded), split as ``skydiff run`` prints them.
 ``|nu| > 5 std(nu)``
-    how many of them have a significance above 5 times the measured ``std(nu)``: the
-    detections a threshold calibrated on the actual noise would keep (approximately: the
-    footprints and their deblending would differ a little).
+    how many of them have a catalog ``significance`` (in units of ``nu``) above 5 times the
+    measured ``std(nu)``.
 ``sky S/N``
     the standard deviation of ``psf_flux / psf_flux_err`` of the 100 sky sources (1 for a
     noise model that is right at the scale of the PSF; about +-7 % for 100 sources).
 ``residual ratio (stars)``
     ``residual_footprint_ratio_mean`` of the metric of that name over its stars (the
     kernel stars used by ``al``/``al_preconvolve``, the flux-ratio stars of ``zogy``).
-``scale``
+``flux scale``
     the photometric scale science/template: the kernel sum (AL) or the flux ratio (ZOGY).
 ``time``
     wall-clock seconds of the subtraction and of the whole pipeline (machine-dependent).
@@ -167,24 +173,37 @@ def matched_filter(exposure: skydiff.Exposure) -> tuple[np.ndarray, np.ndarray]:
 
 
 def detection_significance(result: skydiff.PipelineResult) -> tuple[np.ndarray, np.ndarray]:
-    """``(nu, good)`` of the image the detection thresholded (score or matched filter)."""
+    """``(nu0, good)``: the significance the detection starts from, from the variance planes.
+
+    score/sqrt(variance) when the detection ran on the score image, else the matched filter
+    of the difference; before the detector's noise calibration (:func:`significance_scale`).
+    """
     score = result.subtraction.score
     if score is not None and result.detection.metadata.get("detected_on") == "score":
         return normalized(score)
     return matched_filter(result.detection.difference)
 
 
+def significance_scale(result: skydiff.PipelineResult) -> float:
+    """The factor the detector divided the significance by (its ``significance_scale``
+    metadata, from ``noise_calibration = "measured"``); 1 when it reports none."""
+    detection = result.detection.metadata.get("detection", {})
+    meta = detection.get("result", detection) if isinstance(detection, dict) else {}
+    return float(meta.get("significance_scale", 1.0))
+
+
 def summarize(name: str, result: skydiff.PipelineResult, seconds: float) -> dict[str, Any]:
     """The comparison numbers of one run (plain floats and ints, JSON-able)."""
     z, good = normalized(result.subtraction.difference)
     nu, nu_good = detection_significance(result)
+    detector_scale = significance_scale(result)
     catalog = result.detection.catalog
     sky = np.asarray(catalog["sky_source"], dtype=bool)
     dipole = np.asarray(catalog["is_dipole"], dtype=bool) & ~sky
     negative = np.asarray(catalog["is_negative"], dtype=bool) & ~sky & ~dipole
     positive = ~sky & ~dipole & ~negative
     significance = np.abs(np.asarray(catalog["significance"], dtype=np.float64))
-    std_nu = std_inside(nu[nu_good])
+    std_nu = std_inside(nu[nu_good] / detector_scale)
     sky_snr = np.asarray(catalog["snr"], dtype=np.float64)[sky]
     sky_snr = sky_snr[np.isfinite(sky_snr)]
     residual = result.metrics.get("residual_footprint_ratio", {})
@@ -196,6 +215,8 @@ def summarize(name: str, result: skydiff.PipelineResult, seconds: float) -> dict
         "robust_std_z": float(skydiff.robust_std(z[good])),
         "tail5": float(np.mean(np.abs(z[good]) > 5.0)),
         "unmasked": float(good.mean()),
+        "std_nu0": std_inside(nu[nu_good]),
+        "detector_scale": detector_scale,
         "std_nu": std_nu,
         "detected_on": str(result.detection.metadata.get("detected_on", "difference")),
         "n_positive": int(positive.sum()),
@@ -240,11 +261,11 @@ def compare(science: skydiff.Exposure, template: skydiff.Exposure,
 
 
 #: Header of the noise table (the first table of ``docs/user/comparison.md``).
-NOISE_HEADER = ("| method | std(z) | robust | \\|z\\|>5 | unmasked | std(ν) | sky S/N | scale "
+NOISE_HEADER = ("| method | std(z) | robust | \\|z\\|>5 | unmasked | sky S/N | flux scale "
                 "| time: subtract / all |")
 #: Header of the detection table (the second one).
-DETECTION_HEADER = ("| method | detected on | + / − / dipoles | \\|ν\\| > 5 std(ν) "
-                    "| residual ratio (stars) |")
+DETECTION_HEADER = ("| method | detected on | std(ν₀) | detector scale | std(ν) "
+                    "| + / − / dipoles | \\|ν\\| > 5 std(ν) | residual ratio (stars) |")
 
 
 def _rule(header: str) -> str:
@@ -260,10 +281,11 @@ def format_tables(rows: Sequence[dict[str, Any]]) -> str:
         noise.append(
             f"| {name} | {row['std_z']:.3f} | {row['robust_std_z']:.3f} "
             f"| {100 * row['tail5']:.3f} % | {100 * row['unmasked']:.1f} % "
-            f"| {row['std_nu']:.3f} | {row['sky_snr_std']:.2f} | {row['scale']:.4f} "
+            f"| {row['sky_snr_std']:.2f} | {row['scale']:.4f} "
             f"| {row['time_subtract']:.1f} s / {row['time_total']:.0f} s |")
         detection.append(
-            f"| {name} | {row['detected_on']} "
+            f"| {name} | {row['detected_on']} | {row['std_nu0']:.3f} "
+            f"| {row['detector_scale']:.3f} | {row['std_nu']:.3f} "
             f"| {row['n_positive']} / {row['n_negative']} / {row['n_dipoles']} "
             f"| {row['n_calibrated']} "
             f"| {row['residual_ratio']:.3f} ({row['residual_n']}) |")

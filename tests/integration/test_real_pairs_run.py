@@ -48,14 +48,11 @@ negative detections there (not asserted here; see the report).
 
 The JWST i2d images are drizzled and the DECam images are median stacks: their pixel noise
 is correlated (neighbour correlation 0.31-0.40 in the decorrelated difference), which the
-per-pixel variance plane cannot describe, so ``psf_flux_err`` (and the matched-filter
-significance of ``al`` detections) underestimates the noise by the ACF factor, 1.5-1.7, as
-the sky sources measure. That is the main reason for the ~800-1000 ``al`` detections on JWST
-(median |significance| 5.5): most are noise above an effective 3.2-sigma threshold. ZOGY
-detects on its score image, whose variance it corrects for the measured correlation
-(``noise_correlation = "corrected"``), hence its few detections, but its difference image
-(where ``psf_flux`` is measured) is not corrected. These sky-source tests are expected
-failures (strict xfail) until the catalog's errors account for correlated input noise.
+per-pixel variance plane cannot describe. The detector measures the spread of its
+matched-filter significance on the sky and divides by it (``noise_calibration =
+"measured"``: 1.54-1.70 on these pairs), and ``psf_flux``/``forced_psf`` scale their errors
+by the same kind of measurement (``skydiff.photometry.psf_noise_scale``), so the sky sources'
+``psf_flux/psf_flux_err`` has unit spread within its tolerance: 0.89-1.11 measured.
 
 The legacypipe cut-outs (41 x 51 px, one or two stars) cannot be PSF-matched by ``al``: a
 clean exit 1 with a one-line :class:`~skydiff.InsufficientKernelSourcesError` message is the
@@ -127,7 +124,6 @@ FAILURES = {
 SLOW = {"jwst-companions", "jwst-bare", "toros-004-005"}
 
 #: Pairs with correlated pixel noise, whose sky-source errors are known to be too small.
-CORRELATED = {"jwst-companions", "jwst-bare", "decam"}
 
 
 def run_ids(*, successes_only: bool = False, noise: bool = False) -> list[Any]:
@@ -139,11 +135,6 @@ def run_ids(*, successes_only: bool = False, noise: bool = False) -> list[Any]:
             if noise and pair.startswith("legacypipe"):
                 continue  # a 41 x 51 image has no room for sky sources
             marks = [pytest.mark.slow] if pair in SLOW else []
-            if noise and pair in CORRELATED:
-                marks.append(pytest.mark.xfail(strict=True, reason=(
-                    "correlated input noise (drizzle / median stack) is not in the variance "
-                    "plane: the sky sources' psf_flux/psf_flux_err has a robust std of "
-                    "1.36-1.66 (ACF prediction 1.55-1.91)")))
             params.append(pytest.param(pair, algorithm, marks=marks,
                                        id=f"{pair}-{algorithm}"))
     return params

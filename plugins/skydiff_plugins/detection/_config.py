@@ -21,6 +21,15 @@ class ThresholdDetectorConfig(skydiff.Config):
                          "positive": "only significance > threshold",
                          "negative": "only significance < -threshold"},
         doc="Which signs of the significance are detected (thresholdPolarity).")
+    noise_calibration: str = skydiff.ChoiceField(
+        "measured", allowed={
+            "measured": "divide the significance by its robust standard deviation over the "
+                        "sky pixels (outside grown detections, unmasked) when that exceeds 1: "
+                        "corrects for pixel noise correlated by resampling or stacking, "
+                        "which the variance plane cannot describe",
+            "variance": "trust the variance plane: the significance as computed"},
+        doc="How the noise of the detection image is obtained (metadata "
+            "significance_scale: the factor applied).")
     subtract_background: bool = skydiff.Field(
         True, doc="Fit and subtract a two-pass background before thresholding: a fine mesh "
                   "(background_fine_bin_size, median) on a copy finds the sources to mask, "
@@ -108,10 +117,28 @@ class ThresholdDetectorConfig(skydiff.Config):
             "significance) falls below -this value (above it for a negative candidate) "
             "within cr_opposite_radius pixels: next to the other lobe of a bright, close "
             "dipole a lobe looks sharper than the PSF.")
+    cr_opposite_fraction: float = skydiff.RangeField(
+        0.2, min=0.0,
+        doc="A cosmic-ray candidate is also refused when a pixel of the box of half-size "
+            "cr_opposite_radius is below -max(cr_opposite_sigma, this fraction x the "
+            "largest pixel of the box) sigma (the other sign for a negative candidate): "
+            "a sharp residual balanced by pixels of the other sign (hot pixels of both "
+            "images, the close lobes of a dipole) is not a cosmic ray, while the ring that "
+            "decorrelation puts around a cosmic ray is at most 8 % of its peak on the test "
+            "pairs (15 % for any plausible decorrelation); 0 disables this test.")
     cr_opposite_radius: int = skydiff.RangeField(
-        4, min=0, doc="Half-size in pixels of the box searched by cr_opposite_sigma "
-                      "((2r+1) x (2r+1) pixels); 0 disables that test (the plain "
-                      "findCosmicRays criteria).")
+        4, min=0, doc="Half-size in pixels of the box searched by cr_opposite_sigma and "
+                      "cr_opposite_fraction ((2r+1) x (2r+1) pixels); 0 disables both tests "
+                      "and the masking of cr_mask_radius (the plain findCosmicRays criteria "
+                      "and removal).")
+    cr_mask_radius: float | None = skydiff.RangeField(
+        None, min=0.0, optional=True,
+        doc="A cosmic ray whose removal (pixels replaced by the mean of their neighbours) "
+            "leaves the detection image below -min(cr_opposite_sigma, threshold) within "
+            "cr_opposite_radius pixels (the ring a decorrelation filter puts around it, or "
+            "the rest of a balanced residual) is masked instead: its pixels and those within "
+            "this radius (pixels) get zero weight in the detection image. None: the "
+            "footprint growth radius (n_sigma_to_grow PSF sigmas unless grow_radius is set).")
     cr_skip_planes: tuple[str, ...] = skydiff.ListField(
         ["BAD", "SAT", "INTRP"], dtype=str,
         doc="Pixels on these planes are never cosmic rays (condition 4 of findCosmicRays).")

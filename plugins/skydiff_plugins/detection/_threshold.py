@@ -11,13 +11,14 @@ from numpy.typing import NDArray
 import skydiff
 
 from ._background import two_pass_background
+from ._calibration import measure_scale
 from ._catalog import empty_catalog, make_catalog
 from ._config import ThresholdDetectorConfig
 from ._cosmic_rays import (
     CosmicRays,
     cosmic_ray_groups,
     find_cosmic_rays,
-    remove_from_significance,
+    remove_cosmic_rays,
 )
 from ._deblend import Children, deblend, no_deblending
 from ._footprints import Peaks, dilate, label_footprints, local_peaks
@@ -94,20 +95,32 @@ class ThresholdDetector(skydiff.Detector):
 
        which is the optimal S/N :math:`F/(\sigma\sqrt{\mathrm{NEA}})` of a point source of
        flux :math:`F` (:math:`\mathrm{NEA} = 1/\sum P^2`); for a score image,
-       :math:`\nu = \mathrm{score}/\sqrt{V}` (no second smoothing).
+       :math:`\nu = \mathrm{score}/\sqrt{V}` (no second smoothing). With
+       ``noise_calibration = "measured"`` (the default) :math:`\nu` is divided by
+       :math:`s = \max(1, \hat s - 2\delta)`, :math:`\hat s` its robust standard deviation
+       over the sky pixels (outside grown detections, unmasked) and :math:`\delta` the error
+       of :math:`\hat s`: pixel noise correlated by drizzling or stacking, which the
+       variance plane cannot describe, makes :math:`\hat s` 1.5–1.9 (see
+       :mod:`._calibration`; ``metadata["significance_scale"]``).
     4. **Cosmic rays** (``find_cosmic_rays``; difference images only): pixels sharper than
        the PSF allows (the ``findCosmicRays`` criteria: a pixel exceeds the mean of two
        opposite neighbours by ``cr_min_sigma`` sigma, and those neighbours are fainter than
        ``cr_cond3_fac2`` times the PSF's neighbour-to-centre ratio allows, with a
        ``cr_cond3_fac``-sigma noise allowance; groups below ``cr_min_snr`` are dropped;
-       and the detection image does not fall below ``-cr_opposite_sigma`` within
-       ``cr_opposite_radius`` pixels, which keeps the lobes of bright close dipoles;
-       ``cr_polarity = "both"`` also finds negative ones), returned as
+       the detection image does not fall below ``-cr_opposite_sigma`` within
+       ``cr_opposite_radius`` pixels, which keeps the lobes of bright close dipoles; and
+       the pixels there are not below ``-max(cr_opposite_sigma, cr_opposite_fraction`` x
+       the largest of them) sigma, which leaves out sharp residuals balanced by pixels of
+       the other sign; ``cr_polarity = "both"`` also finds negative ones), returned as
        ``result.cosmic_rays``. With ``reject_cosmic_rays`` their contribution is
        removed from the detection image, :math:`\nu \to \nu - N^{-1} \sum_{q \in
        \mathrm{CR}} P[q - p]\,(v_q - \bar v_q)` (:math:`\bar v_q`: mean of the other
        neighbours), so detections made by cosmic rays alone disappear
-       (``metadata["n_rejected_cosmic_rays"]``) and sources under a cosmic ray stay.
+       (``metadata["n_rejected_cosmic_rays"]``) and sources under a cosmic ray stay. A
+       cosmic ray whose replacement leaves signal of the other sign beyond
+       ``min(cr_opposite_sigma, threshold)`` next to it (the ring a decorrelated difference
+       puts around it) is masked instead: its pixels and those within ``cr_mask_radius``
+       get zero weight (``metadata["n_masked_cosmic_rays"]``).
     5. **Footprints.** Pixels with :math:`\nu >` ``threshold`` and/or :math:`\nu <
        -`\ ``threshold`` (``polarity``), grown isotropically by ``grow_radius`` (default
        ``n_sigma_to_grow`` = 2.4 PSF sigmas); positive and negative footprints that touch
@@ -234,7 +247,7 @@ class _Run:
             "threshold": float(config.threshold), "polarity": config.polarity,
             "is_score": is_score, "n_sources": 0, "n_positive": 0, "n_negative": 0,
             "n_merged": 0, "n_peaks": 0, "n_rejected_masked": 0, "n_rejected_cosmic_rays": 0,
-            "n_cosmic_rays": 0, "noise": 0.0, "grow_radius": self.grow,
+            "n_cosmic_rays": 0, "n_masked_cosmic_rays": 0, "noise": 0.0, "grow_radius": self.grow,
             "psf_sigma": self.psf_sigma if self.psf_sigma is not None else math.nan,
             "background": "two_pass" if config.subtract_background else "none",
             "background_masked_fraction": 0.0, "deblend": bool(config.deblend),
@@ -285,6 +298,7 @@ class _Run:
                                 min_snr=config.cr_min_snr,
                                 opposite_sigma=config.cr_opposite_sigma,
                                 opposite_radius=config.cr_opposite_radius,
+                                opposite_fraction=config.cr_opposite_fraction,
                                 polarity=config.cr_polarity, significance=significance)
 
     def detect(self) -> skydiff.DetectionResult:
@@ -306,11 +320,15 @@ class _Run:
             assert self.kernel is not None
             significance, noise, typical = matched_filter(residual, variance, valid,
                                                           self.kernel)
-        self.metadata["noise"] = typical
+        scale = self.calibrate(significance)
+        if scale != 1.0:
+            significance /= np.float32(scale)
+            noise *= np.float32(scale)
+        self.metadata["noise"] = typical * scale
         rays = self.cosmic_rays(residual, significance)  # before any removal
         if rays is not None:
             self.metadata["n_cosmic_rays"] = int(rays.pixels.size)
-            self._remove_cosmic_rays(rays, significance, noise)
+            self._remove_cosmic_rays(rays, residual, significance, noise, scale)
         threshold = np.float32(config.threshold)
         no_seeds = np.zeros(0, dtype=np.intp)
         positive = (np.flatnonzero(significance > threshold)
@@ -341,17 +359,50 @@ class _Run:
         footprints[pixels] = lut[children.pixel_child]
         return self._result(catalog, background, rays, footprints.reshape(self.shape))
 
-    def _remove_cosmic_rays(self, rays: CosmicRays | None, significance: NDArray[np.float32],
-                            noise: NDArray[np.float32]) -> None:
+    def calibrate(self, significance: NDArray[np.float32]) -> float:
+        """The factor the significance is divided by (``noise_calibration``; metadata)."""
+        config = self.config
+        self.metadata.update({"noise_calibration": config.noise_calibration,
+                              "significance_scale": 1.0, "significance_scale_measured": math.nan,
+                              "significance_scale_error": math.nan,
+                              "significance_scale_pixels": 0})
+        if config.noise_calibration == "variance":
+            return 1.0
+        usable = np.ones(self.shape, dtype=bool) if self.invalid is None else ~self.invalid
+        bad = _flagged(self.exposure.mask, self.bad_bits)
+        if bad is not None:
+            usable &= ~bad
+        kernel = self.kernel
+        if kernel is None:  # a score image without PSF
+            kernel = np.asarray(skydiff.GaussianPsf.from_fwhm(_DEFAULT_FWHM).kernel_image(),
+                                dtype=np.float64)
+        calibration = measure_scale(
+            significance, usable, kernel, grow=self.grow,
+            flatten_bin_size=None if config.subtract_background else config.background_bin_size)
+        self.metadata.update({"significance_scale": calibration.scale,
+                              "significance_scale_measured": calibration.measured,
+                              "significance_scale_error": calibration.error,
+                              "significance_scale_pixels": calibration.n_pixels})
+        return calibration.scale
+
+    def _remove_cosmic_rays(self, rays: CosmicRays | None, residual: NDArray[np.float32],
+                            significance: NDArray[np.float32], noise: NDArray[np.float32],
+                            scale: float) -> None:
         """Take the cosmic rays out of the significance; count the detections they made."""
         if rays is None or not self.config.reject_cosmic_rays or rays.pixels.size == 0:
             return
         assert self.kernel is not None
+        config = self.config
         before = significance.reshape(-1)[rays.pixels].copy()
-        remove_from_significance(rays, significance, noise, self.kernel)
+        self.metadata["n_masked_cosmic_rays"] = remove_cosmic_rays(
+            rays, residual, self.exposure.variance, significance, noise, self.kernel,
+            level=min(config.cr_opposite_sigma, config.threshold),
+            radius=config.cr_opposite_radius, variance_scale=scale * scale,
+            mask_radius=(self.grow if config.cr_mask_radius is None
+                         else float(config.cr_mask_radius)))
         after = significance.reshape(-1)[rays.pixels]
         groups = cosmic_ray_groups(rays, self.shape[1])
-        threshold = self.config.threshold
+        threshold = config.threshold
         n_groups = int(groups.max()) + 1
         was = np.zeros(n_groups, dtype=bool)
         was[groups[np.abs(before) > threshold]] = True  # negative cosmic rays: cr_polarity
