@@ -530,7 +530,7 @@ class DetectAndMeasureTask(Task):
 
     Notes
     -----
-    See :mod:`skydiff.detect` for the steps. The subtasks are ``self.detection`` (the
+    See ``skydiff.detect`` for the steps. The subtasks are ``self.detection`` (the
     detector) and the dicts ``self.measurement`` and ``self.dipole_classifier`` (``{name:
     plugin}`` in execution order).
 

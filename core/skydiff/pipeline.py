@@ -24,7 +24,7 @@ alternative keeps its own settings::
     name = "processes"
 
 :func:`run_pipeline` runs one science/template pair through every step: ``subtract`` →
-``detect`` (:func:`~skydiff.detect.detect_and_measure`) → science sources
+``detect`` (:func:`~skydiff.detect_and_measure`) → science sources
 (:func:`~skydiff.sources.find_stars`) → ``metrics``.
 """
 
@@ -201,8 +201,8 @@ def run_pipeline(science: Exposure, template: Exposure, config: PipelineConfig |
     The Python twin of ``skydiff run``. Steps:
 
     1. :func:`subtract` with ``config.subtract``;
-    2. :func:`~skydiff.detect.detect_and_measure` with ``config.detect`` on the difference,
-       with the science and matched template (see :func:`detection_inputs`) and the
+    2. :func:`~skydiff.detect_and_measure` with ``config.detect`` on the difference,
+       with the science and matched template (see ``detection_inputs``) and the
        subtraction's score image;
     3. the science sources, :func:`skydiff.find_stars` on the science image;
     4. every metric of ``config.metrics`` in order, on a :class:`~skydiff.roles.MetricInputs`

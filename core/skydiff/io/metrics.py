@@ -53,8 +53,8 @@ def write_metrics(metrics: Mapping[str, Mapping[str, Any]], path: str | os.PathL
     Parameters
     ----------
     metrics : Mapping of str to Mapping of str to float
-        ``{metric name: {value name: value}}``, e.g. :attr:`PipelineResult.metrics
-        <skydiff.pipeline.PipelineResult.metrics>`.
+        ``{metric name: {value name: value}}``, e.g. the ``metrics`` of a
+        :class:`~skydiff.PipelineResult`.
     path : str or os.PathLike
         Destination (conventionally ``metrics.json``).
     errors : Mapping of str to str, optional

@@ -146,7 +146,7 @@ def write_regions(catalog: Table, path: str | os.PathLike[str], *, radius: float
     Raises
     ------
     InputError
-        As :func:`format_regions`, or if ``path`` exists and ``overwrite`` is False, or its
+        As ``format_regions``, or if ``path`` exists and ``overwrite`` is False, or its
         directory does not exist.
 
     Examples

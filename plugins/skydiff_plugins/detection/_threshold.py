@@ -101,7 +101,7 @@ class ThresholdDetector(skydiff.Detector):
        over the sky pixels (outside grown detections, unmasked) and :math:`\delta` the error
        of :math:`\hat s`: pixel noise correlated by drizzling or stacking, which the
        variance plane cannot describe, makes :math:`\hat s` 1.5–1.9 (see
-       :mod:`._calibration`; ``metadata["significance_scale"]``).
+       ``_calibration``; ``metadata["significance_scale"]``).
     4. **Cosmic rays** (``find_cosmic_rays``; difference images only): pixels sharper than
        the PSF allows (the ``findCosmicRays`` criteria: a pixel exceeds the mean of two
        opposite neighbours by ``cr_min_sigma`` sigma, and those neighbours are fainter than
@@ -128,7 +128,7 @@ class ThresholdDetector(skydiff.Detector):
        the footprint holds no positive peak.
     6. **Peaks**: the thresholded pixels that are local extrema of :math:`\nu` over their
        eight neighbours.
-    7. **Deblending** (``deblend``, on by default; see :mod:`._deblend`): in each footprint
+    7. **Deblending** (``deblend``, on by default; see ``_deblend``): in each footprint
        a peak is *significant* when it is the strongest of its sign or its prominence (the
        drop of :math:`|\nu|` to the highest saddle towards a stronger peak of its sign) is
        at least ``deblend_min_contrast`` sigma; a positive and a negative significant peak

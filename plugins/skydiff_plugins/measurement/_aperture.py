@@ -116,7 +116,7 @@ class ApertureFluxMeasurement(skydiff.Measurement):
     r"""Fluxes in circular apertures centred on each source, with errors from the variance.
 
     For radius :math:`r` and the exact fraction :math:`f_i \in [0, 1]` of the area of pixel
-    :math:`i` inside the circle (closed-form circle/square overlap, :func:`aperture_weights`)
+    :math:`i` inside the circle (closed-form circle/square overlap, ``aperture_weights``)
 
     .. math::
 

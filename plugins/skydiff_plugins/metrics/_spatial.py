@@ -221,7 +221,7 @@ class SpatialMetric(skydiff.Metric):
     ``kernel_dx``, ``kernel_dy`` and ``kernel_offset`` (pix).
 
     The values are ``n_positions`` and ``<column>_median`` and ``<column>_max`` for every
-    column of :data:`SUMMARY_COLUMNS`. Densities are per square degree with a celestial WCS,
+    column of ``SUMMARY_COLUMNS``. Densities are per square degree with a celestial WCS,
     else per :math:`10^6` square pixels (``metadata["density_unit"]`` says which).
 
     References

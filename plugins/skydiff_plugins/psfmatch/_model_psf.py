@@ -11,7 +11,7 @@ the difference in science flux units and the decorrelation -- is the same code
    (:math:`P_r`) evaluated on a grid spanning the image from edge to edge (spacing at most
    ``psf_models.cell_size``, at least ``spatial_kernel_order + 2`` nodes per axis),
    zero-padded to a common size with room for the whole of :math:`\kappa\otimes P_c`
-   (:mod:`._model_kernel`);
+   (``_model_kernel``);
 2. *kernel* -- the solver of ``al`` (:func:`._solve.fit_psf_matching_kernel`) on those
    noise-free stamps (constant variance, no masks, no background, no clipping, as
    upstream):
@@ -127,7 +127,7 @@ class ModelPsfSubtraction(PsfMatchSubtraction):
       kernel sum comes out 0.99999 instead of 0.998, for a template broader than the
       science 0.9996 instead of 0.957;
     * the candidates lie on a grid from edge to edge instead of at the cell centres, and the
-      default spatial order is 3 instead of 2 (:mod:`._model_kernel`): for a FWHM varying
+      default spatial order is 3 instead of 2 (``_model_kernel``): for a FWHM varying
       by ±20 % the PSFs are matched to 2e-3 of the peak over the whole field (order 2:
       1e-2);
     * the constant "variance" of the candidates is :math:`(10^{-3}\max P_r)^2` instead of 1:
