@@ -321,7 +321,7 @@ class Task(abc.ABC):
         return subtask
 
     @contextlib.contextmanager
-    def timer(self, name: str) -> Iterator[None]:
+    def timer(self, name: str) -> Iterator[dict[str, float]]:
         """Time a block into ``metadata`` (also when the block raises).
 
         Records ``<name>.wall_s`` (wall-clock seconds), ``<name>.cpu_s`` (CPU seconds of the
@@ -336,15 +336,25 @@ class Task(abc.ABC):
         ----------
         name : str
             Metadata key (may be dotted).
+
+        Yields
+        ------
+        dict of str to float
+            Filled when the block ends with ``wall_s`` and ``cpu_s`` (the same values as
+            the metadata), for callers that also report the timing elsewhere:
+            ``with self.timer("convolve") as timings["convolve"]: ...``.
         """
+        record: dict[str, float] = {}
         wall_start = time.perf_counter()
         cpu_start = time.process_time()
         peak = _PeakTracker.start()
         try:
-            yield
+            yield record
         finally:
-            self.metadata[f"{name}.wall_s"] = time.perf_counter() - wall_start
-            self.metadata[f"{name}.cpu_s"] = time.process_time() - cpu_start
+            record["wall_s"] = time.perf_counter() - wall_start
+            record["cpu_s"] = time.process_time() - cpu_start
+            self.metadata[f"{name}.wall_s"] = record["wall_s"]
+            self.metadata[f"{name}.cpu_s"] = record["cpu_s"]
             rss = _max_rss_mb()
             if rss is not None:
                 self.metadata[f"{name}.max_rss_mb"] = rss

@@ -481,3 +481,15 @@ def test_timer_records_traced_peak_of_nested_blocks():
     meta = task.metadata.to_dict()
     assert 30 < meta["outer"]["peak_mb"] < 34
     assert 7 < meta["inner"]["peak_mb"] < 9
+
+
+
+def test_timer_yields_its_record_filled_on_exit() -> None:
+    task = Scale()
+    timings: dict[str, dict[str, float]] = {}
+    with task.timer("step") as timings["step"]:
+        time.sleep(0.02)
+        assert timings["step"] == {}  # filled when the block ends
+    assert set(timings["step"]) == {"wall_s", "cpu_s"}
+    assert timings["step"]["wall_s"] == task.metadata["step.wall_s"] >= 0.02
+    assert timings["step"]["cpu_s"] == task.metadata["step.cpu_s"]

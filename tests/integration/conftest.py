@@ -144,3 +144,22 @@ def sim_pair(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     assert code == 0
     return SimpleNamespace(folder=folder, science=folder / "science.fits",
                            template=folder / "template.fits", truth=folder / "truth.ecsv")
+
+
+@pytest.fixture(scope="session")
+def documented_columns() -> set[str]:
+    """The default catalog's columns from skydiff.CATALOG_COLUMNS, placeholders expanded."""
+    config = skydiff.PipelineConfig().detect
+    planes = [name.lower() for name in config.measurement["pixel_flags"].planes]
+    radii = [f"{radius:g}".replace(".", "_") if "." in f"{radius:g}"
+             else f"{radius:g}_0" for radius in config.measurement["aperture_flux"].radii]
+    names = list(config.dipole_classifier.names)
+    columns: set[str] = set()
+    for column in skydiff.CATALOG_COLUMNS:
+        for placeholder, values in (("<plane>", planes), ("<r>", radii), ("<name>", names)):
+            if placeholder in column.name:
+                columns.update(column.name.replace(placeholder, value) for value in values)
+                break
+        else:
+            columns.add(column.name)
+    return columns

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -307,17 +306,6 @@ class PsfMatchSubtraction(skydiff.Subtraction):
         self.make_subtask("psf_estimator")
         self.make_subtask("psf_fallback")
 
-    # -- bookkeeping -------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _stage(self, name: str, timings: dict[str, dict[str, float]]) -> Iterator[None]:
-        """Time a stage into the task metadata (``self.timer``) and the result's metadata."""
-        wall, cpu = time.perf_counter(), time.process_time()
-        with self.timer(name):
-            yield
-        timings[name] = {"wall_s": time.perf_counter() - wall,
-                         "cpu_s": time.process_time() - cpu}
-
     # -- inputs ------------------------------------------------------------------------
 
     def _estimate_psf(self, exposure: skydiff.Exposure, label: str
@@ -345,7 +333,7 @@ class PsfMatchSubtraction(skydiff.Subtraction):
             msg = (f"the template covers {coverage:.1%} of the science image, less than the "
                    f"required {config.required_template_fraction:.1%}")
             raise skydiff.NoWorkFound(msg)
-        with self._stage("psf", timings):
+        with self.timer("psf") as timings["psf"]:
             factors = (1.0, 1.0)
             if config.do_scale_variance:
                 science, template, f_s, f_t = scale_variances(science, template)
@@ -406,12 +394,12 @@ class PsfMatchSubtraction(skydiff.Subtraction):
         config = self.config
         kernel_size = int(basis.basis.shape[1])
         with self._expected_success(coverage):
-            with self._stage("sources", timings):
+            with self.timer("sources") as timings["sources"]:
                 selection = select_kernel_sources(
                     science, template, kernel_size=kernel_size, config=config.kernel_sources,
                     min_sources=self._min_sources(), sources=sources, fwhm=fwhm_science,
                     template_fwhm=fwhm_template, margin=margin, mask_exposure=mask_exposure)
-            with self._stage("solve", timings):
+            with self.timer("solve") as timings["solve"]:
                 fit, bbox = self._solve(convolved, matched_to, basis, selection, kernel_size)
         kernel = skydiff.BasisKernel(fit.basis, fit.coefficients,
                                      order=config.spatial_kernel_order, bbox=bbox,
@@ -504,7 +492,7 @@ class PsfMatchSubtraction(skydiff.Subtraction):
             raise skydiff.InputError(msg)
         kernel_size = int(basis.basis.shape[1])
         x0, y0 = matched_to.origin
-        with self._stage("psf_candidates", timings):
+        with self.timer("psf_candidates") as timings["psf_candidates"]:
             gx, gy = candidate_grid(matched_to.shape, cell_size=settings.cell_size,
                                     min_per_axis=config.spatial_kernel_order + 2)
             stamps = psf_stamps(conv_psf.kernel_image, reference, gx + x0, gy + y0,
@@ -513,7 +501,7 @@ class PsfMatchSubtraction(skydiff.Subtraction):
         use_pca = (config.use_pca == "always"
                    or (config.use_pca == "auto" and not basis.constant_first))
         with self._expected_success(coverage):
-            with self._stage("solve", timings):
+            with self.timer("solve") as timings["solve"]:
                 try:
                     fit = fit_model_kernel(
                         stamps, basis.basis, bbox=bbox,
@@ -532,7 +520,7 @@ class PsfMatchSubtraction(skydiff.Subtraction):
                                                     order=config.spatial_kernel_order,
                                                     bbox=bbox, kind=config.spatial_kind), 1.0)
             residuals = match_residuals(stamps, unit.images_at(stamps.x, stamps.y))
-            with self._stage("photometric_scale", timings):
+            with self.timer("photometric_scale") as timings["photometric_scale"]:
                 kernel_sum, scale_meta = self._photometric_scale(
                     settings, convolved, matched_to, unit, reference, science=science,
                     template=template, sources=sources, kernel_size=kernel_size,
@@ -735,7 +723,7 @@ class PsfMatchSubtraction(skydiff.Subtraction):
         fit, fit_metadata = self._match(prepared, convolve_template=convolve_template,
                                         sources=sources, timings=timings)
         kernel = fit.kernel
-        with self._stage("convolve", timings):
+        with self.timer("convolve") as timings["convolve"]:
             science_c, template_c = mask_hygiene(
                 science_p, template_p,
                 preserve_template_planes=config.preserve_template_planes)
@@ -759,7 +747,7 @@ class PsfMatchSubtraction(skydiff.Subtraction):
             difference=difference, matched_image=matched, kernel=kernel, background=background,
             kernel_sources=self._kernel_sources_table(fit),
             convolved="template" if convolve_template else "science", metadata=metadata)
-        with self._stage("decorrelate", timings):
+        with self.timer("decorrelate") as timings["decorrelate"]:
             decorrelated = self.decorrelation.run(science_c, template_c, result)
         metadata["decorrelation"] = dict(decorrelated.metadata)
         metadata["timing"] = timings

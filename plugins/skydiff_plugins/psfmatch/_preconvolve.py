@@ -239,7 +239,7 @@ class AlPreconvolveSubtraction(PsfMatchSubtraction):
         timings: dict[str, dict[str, float]] = {}
         prepared = self._prepare(science, template, timings)
         science_p, template_p = prepared.science, prepared.template
-        with self._stage("prefilter", timings):
+        with self.timer("prefilter") as timings["prefilter"]:
             prefilter = prefilter_kernel(science_p,
                                          flux_fraction=self.config.prefilter_flux_fraction)
             filtered = skydiff.convolve(self._fill_bad_pixels(science_p), prefilter,
@@ -264,7 +264,7 @@ class AlPreconvolveSubtraction(PsfMatchSubtraction):
                                    margin=prefilter.shape[0] // 2, mask_exposure=filtered)
             fit_metadata = {"kernel_source": "stars", **self._fit_metadata(fit)}
         kernel = fit.kernel
-        with self._stage("convolve", timings):
+        with self.timer("convolve") as timings["convolve"]:
             filtered_c, template_c = mask_hygiene(
                 filtered, template_p, preserve_template_planes=config.preserve_template_planes)
             science_c, _ = mask_hygiene(science_p, template_p,
@@ -294,7 +294,7 @@ class AlPreconvolveSubtraction(PsfMatchSubtraction):
             difference=score0, matched_image=matched, kernel=kernel, background=background,
             kernel_sources=self._kernel_sources_table(fit), convolved="template",
             prefilter=prefilter, metadata=metadata)
-        with self._stage("decorrelate", timings):
+        with self.timer("decorrelate") as timings["decorrelate"]:
             decorrelated = self.decorrelation.run(science_c, template_c, raw)
         metadata["decorrelation"] = dict(decorrelated.metadata)
         metadata["timing"] = timings

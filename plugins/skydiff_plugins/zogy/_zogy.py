@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -382,16 +381,6 @@ class ZogySubtraction(skydiff.Subtraction):
         self.make_subtask("psf_estimator")
         self.make_subtask("psf_fallback")
 
-    # -- bookkeeping -------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _stage(self, name: str, timings: dict[str, dict[str, float]]) -> Iterator[None]:
-        wall, cpu = time.perf_counter(), time.process_time()
-        with self.timer(name):
-            yield
-        timings[name] = {"wall_s": time.perf_counter() - wall,
-                         "cpu_s": time.process_time() - cpu}
-
     # -- run ---------------------------------------------------------------------------
 
     def run(self, science: skydiff.Exposure, template: skydiff.Exposure, *,
@@ -436,17 +425,17 @@ class ZogySubtraction(skydiff.Subtraction):
             msg = (f"the template covers {coverage:.1%} of the science image, less than the "
                    f"required {config.required_template_fraction:.1%}")
             raise skydiff.NoWorkFound(msg)
-        with self._stage("prepare", timings):
+        with self.timer("prepare") as timings["prepare"]:
             side_n, side_r = self._prepare(science, template)
-        with self._stage("stars", timings):
+        with self.timer("stars") as timings["stars"]:
             stars = self._stars(side_n, side_r, sources)
             scaling = self._scaling(side_n, side_r, stars)
             registration = self._registration(stars, side_n.exposure.shape)
-        with self._stage("filters", timings):
+        with self.timer("filters") as timings["filters"]:
             plan = self._plan(side_n, side_r, scaling, registration)
-        with self._stage("subtract", timings):
+        with self.timer("subtract") as timings["subtract"]:
             planes = self._filter(plan, side_n, side_r, registration)
-        with self._stage("assemble", timings):
+        with self.timer("assemble") as timings["assemble"]:
             result = self._assemble(plan, planes, side_n, side_r, scaling, registration,
                                     stars, coverage)
         result.metadata["timing"] = timings
