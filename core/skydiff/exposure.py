@@ -548,7 +548,8 @@ class Exposure(_FrozenArrays):
                 msg = f"{name} shape {other} differs from the image shape {shape}"
                 raise InputError(msg)
         variance = self.variance
-        if np.any(variance < 0):  # NaN compares False: only finite negatives are caught
+        # fmin ignores NaN (one pass, no temporary); an all-NaN plane gives NaN, not < 0
+        if np.fmin.reduce(variance, axis=None) < 0:
             msg = (f"variance has {int(np.count_nonzero(variance < 0))} negative pixels; a "
                    "variance must be ≥ 0")
             raise InputError(msg)

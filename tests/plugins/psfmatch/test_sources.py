@@ -168,3 +168,62 @@ def test_large_images_measure_only_the_best_detections_per_cell(monkeypatch):
     reference = {(round(float(x), 2), round(float(y), 2))
                  for x, y in full.table[full.index].iterrows("x", "y")}
     assert len(chosen & reference) >= 0.8 * len(reference)
+
+
+@pytest.mark.parametrize(("fwhm", "expected"), [
+    (None, 1), (2.9, 1), (3.0, 2), (4.0, 2), (4.6, 3), (6.0, 4), (40.0, 4)])
+def test_automatic_binning_keeps_the_psf_at_least_1_5_binned_pixels(fwhm, expected):
+    assert _sources.binning_factor(fwhm, KernelSourcesConfig()) == expected
+    assert _sources.binning_factor(fwhm, KernelSourcesConfig(bin_factor=1)) == 1
+    assert _sources.binning_factor(fwhm, KernelSourcesConfig(bin_factor=3)) == 3
+
+
+def test_binning_sums_image_and_variance_and_ors_the_mask():
+    rng = np.random.default_rng(11)
+    image = rng.normal(size=(7, 9)).astype(np.float32)
+    variance = rng.uniform(1.0, 2.0, size=(7, 9)).astype(np.float32)
+    planes = skydiff.MaskPlanes.default()
+    mask = np.zeros((7, 9), np.uint32)
+    mask[3, 4] = planes.value("SAT")
+    mask[0, 0] = planes.value("BAD")
+    exposure = skydiff.Exposure(image, mask=mask, variance=variance, mask_planes=planes)
+    for factor in (2, 3):
+        binned = _sources._binned(exposure, factor)
+        rows, cols = 7 // factor, 9 // factor  # incomplete bins are dropped
+        assert binned.shape == (rows, cols)
+        blocks = image[:rows * factor, :cols * factor].reshape(rows, factor, cols, factor)
+        np.testing.assert_allclose(binned.image, blocks.sum(axis=(1, 3)), rtol=1e-6)
+        var_blocks = variance[:rows * factor, :cols * factor].reshape(rows, factor, cols,
+                                                                      factor)
+        np.testing.assert_allclose(binned.variance, var_blocks.sum(axis=(1, 3)), rtol=1e-6)
+        assert binned.mask[0, 0] == planes.value("BAD")
+        assert binned.mask[3 // factor, 4 // factor] == planes.value("SAT")
+        assert np.count_nonzero(binned.mask) == 2
+    # the original is untouched
+    assert exposure.mask[3, 4] == planes.value("SAT") and exposure.image.shape == (7, 9)
+
+
+def test_the_binned_search_selects_real_stars_at_their_positions():
+    """FWHM 4 px: the default search (binned 2 x 2) picks stars within a fraction of a pixel
+    of their true positions, and about as many as the full-resolution search."""
+    pair = simulate_pair(shape=(512, 512), n_stars=150, seed=9, flux_min=3e3, flux_max=2e5,
+                         science={"fwhm": 4.0}, template={"fwhm": 3.0})
+    def run(**settings):
+        return select_kernel_sources(pair.science, pair.template, kernel_size=K,
+                                     config=KernelSourcesConfig(**settings), min_sources=3,
+                                     fwhm=4.0)
+
+    binned, full = run(), run(bin_factor=1)
+    assert _sources.binning_factor(4.0, KernelSourcesConfig()) == 2
+    truth = np.column_stack([pair.truth["x"], pair.truth["y"]])
+
+    def distances(selection):
+        table = selection.table[selection.index]
+        return np.array([np.min(np.hypot(*(truth - [x, y]).T))
+                         for x, y in zip(table["x"], table["y"], strict=True)])
+
+    near, reference = distances(binned), distances(full)
+    # blends of two stars are measured at their light centre by either search
+    assert np.quantile(near, 0.9) < 0.3 and np.median(near) < 0.15
+    assert near.max() <= reference.max() + 0.5
+    assert abs(binned.n_selected - full.n_selected) <= 0.1 * full.n_selected
