@@ -50,13 +50,13 @@ Nothing here is public API; :mod:`skydiff.convolve` documents the behaviour.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import scipy.fft
+
+from skydiff.parallel import cpu_count, parallel_rows
 
 __all__ = ["FFTConvolver", "TermWeights", "same_shape_padding"]
 
@@ -106,28 +106,6 @@ def _probe_pocketfft() -> Any:
 
 #: The pocketfft binding used for buffer-reusing transforms, or None (public API fallback).
 POCKETFFT: Any = _probe_pocketfft()
-
-
-def _threads() -> int:
-    return max(1, os.cpu_count() or 1)
-
-
-def _split(function: Callable[[int, int], None], n_rows: int, threads: int) -> None:
-    """``function(start, stop)`` over contiguous parts of ``[0, n_rows)``, one per thread.
-
-    The first part runs on the calling thread. For NumPy work that releases the GIL on
-    disjoint rows; exceptions propagate.
-    """
-    parts = max(1, min(threads, n_rows))
-    if parts == 1:
-        function(0, n_rows)
-        return
-    bounds = [n_rows * i // parts for i in range(parts + 1)]
-    with ThreadPoolExecutor(max_workers=parts - 1) as pool:
-        futures = [pool.submit(function, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-        function(bounds[0], bounds[1])
-        for future in futures:
-            future.result()
 
 
 def same_shape_padding(shape: tuple[int, int], kernel_shape: tuple[int, int]
@@ -186,7 +164,7 @@ class FFTConvolver:
             raise ValueError(msg)
         self.spectrum_shape: tuple[int, int] = (p_r, p_c // 2 + 1)
         self._pocketfft: Any = POCKETFFT if reuse_buffers else None
-        self._threads = _threads()
+        self._threads = cpu_count()
         self._phases: tuple[np.ndarray, np.ndarray] | None = None
         self._real: np.ndarray | None = None
         self._real_dirty = False
@@ -343,7 +321,7 @@ class FFTConvolver:
                               columns)
 
         parallel = p_r * (width // 2) >= PARALLEL_SIZE
-        _split(run, n_top, self._threads if parallel else 1)
+        parallel_rows(run, n_top, threads=self._threads if parallel else 1)
         return out
 
     def _row_phases(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -374,7 +352,7 @@ class FFTConvolver:
             for r0 in range(start, stop, block):
                 function(slice(r0, min(r0 + block, stop)))
 
-        _split(run, n_rows, self._threads if parallel else 1)
+        parallel_rows(run, n_rows, threads=self._threads if parallel else 1)
 
     def _inverse_rows(self, buffer: np.ndarray) -> np.ndarray:
         """Inverse FFT along axis 0, in place (normalised by ``1 / P_r``)."""

@@ -29,10 +29,7 @@ footprint is separable and costs :math:`O(N \log K)` for all bit planes together
 
 from __future__ import annotations
 
-import itertools
-import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -44,6 +41,7 @@ from skydiff._fft import FFTConvolver, TermWeights
 from skydiff.errors import InputError
 from skydiff.exposure import Exposure
 from skydiff.kernel import BasisKernel, FixedKernel, chebyshev_terms, separable_spatial_functions
+from skydiff.parallel import cpu_count, parallel_rows
 from skydiff.psf import ImagePsf
 
 __all__ = [
@@ -362,16 +360,9 @@ def _dilate_rectangle(bits: np.ndarray, offsets: tuple[int, int, int, int]) -> n
     height = bits.shape[0]
     out = np.zeros_like(bits)
     block = _dilate_block_rows(bits)
-    n_jobs = max(1, min(os.cpu_count() or 1, height // (4 * block)))
-    if n_jobs == 1:
-        _dilate_row_range(bits, out, 0, height, offsets)
-        return out
-    edges = np.linspace(0, height, n_jobs + 1).astype(int)
-    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
-        futures = [pool.submit(_dilate_row_range, bits, out, int(a), int(b), offsets)
-                   for a, b in itertools.pairwise(edges)]
-        for future in futures:
-            future.result()
+    n_jobs = max(1, min(cpu_count(), height // (4 * block)))
+    parallel_rows(lambda start, stop: _dilate_row_range(bits, out, start, stop, offsets), height,
+                  threads=n_jobs)
     return out
 
 
@@ -389,6 +380,7 @@ def _dilate_fft(bits: np.ndarray, present: int, footprint: np.ndarray) -> np.nda
         spectrum *= footprint_spectrum
         grown = engine.crop(engine.inverse(spectrum), footprint.shape) > 0.5
         out |= grown.astype(bits.dtype) << kind(bit)
+    engine.release()
     return out
 
 

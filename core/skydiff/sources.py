@@ -65,8 +65,9 @@ from scipy.spatial import cKDTree
 
 from skydiff.errors import InputError
 from skydiff.exposure import Exposure
+from skydiff.parallel import cpu_count, parallel_map
 from skydiff.psf import FWHM_PER_SIGMA
-from skydiff.stats import _cpu_count, _Mesh, _mesh_model, _parallel_map, robust_std
+from skydiff.stats import _Mesh, _mesh_model, robust_std
 
 __all__ = [
     "DEFAULT_BAD_PLANES",
@@ -280,7 +281,7 @@ def _prepare(exposure: Exposure, *, background: Background, bin_size: int,
         # The second mesh reads only every other pixel: flag the sources there only.
         sampled = bin_size % 2 == 0
         grid = (slice(None, None, 2), slice(None, None, 2)) if sampled else (slice(None),) * 2
-        sources = np.vstack(_parallel_map(
+        sources = np.vstack(parallel_map(
             lambda rows: _source_pixels(smoothed[grid][rows], var[grid][rows], fwhm,
                                         _SOURCE_MASK_THRESHOLD),
             _row_parts(smoothed[grid].shape[0])))
@@ -361,7 +362,7 @@ def _smooth(rows: Callable[[int, int], NDArray[np.float32]], shape: tuple[int, i
     gain = transfer(length, False)[:, None] * transfer(n_cols, True)[None, :]
     out = np.empty((height, width), dtype=np.float32)
     starts = list(range(0, height, step))
-    n_threads = min(_cpu_count(), len(starts))
+    n_threads = min(cpu_count(), len(starts))
 
     def run(part: list[int]) -> None:
         strip = np.zeros((length, n_cols), dtype=np.float32)
@@ -379,7 +380,7 @@ def _smooth(rows: Callable[[int, int], NDArray[np.float32]], shape: tuple[int, i
             out[r0:r1] = smoothed[half:half + r1 - r0, :width]
 
     # the strips are independent: one thread per CPU, each with its own buffer
-    _parallel_map(run, [starts[i::n_threads] for i in range(n_threads)])
+    parallel_map(run, [starts[i::n_threads] for i in range(n_threads)])
     return out
 
 
@@ -479,9 +480,9 @@ def _detect(prep: _Prepared, threshold: float, faint: float) -> _Peaks:
         hit = (block > 0) & (block * block > level * prep.variance[r0:r0 + _ROW_BLOCK])
         return np.flatnonzero(hit) + r0 * n_cols
 
-    candidates = np.concatenate(_parallel_map(above, range(0, n_rows, _ROW_BLOCK)))
-    peaks = np.concatenate(_parallel_map(lambda part: _local_maxima(smoothed, part),
-                                         np.array_split(candidates, _cpu_count())))
+    candidates = np.concatenate(parallel_map(above, range(0, n_rows, _ROW_BLOCK)))
+    peaks = np.concatenate(parallel_map(lambda part: _local_maxima(smoothed, part),
+                                        np.array_split(candidates, cpu_count())))
     rows, cols = np.divmod(peaks, prep.shape[1])
     half = profile.size // 2
     weights = np.outer(profile, profile) ** 2
@@ -644,7 +645,7 @@ def _concat_moments(parts: list[_Moments]) -> _Moments:
 
 def _row_parts(n: int) -> list[slice]:
     """``[0, n)`` cut into one contiguous slice per CPU (at least one slice)."""
-    bounds = np.linspace(0, n, max(1, min(_cpu_count(), n)) + 1).round().astype(int)
+    bounds = np.linspace(0, n, max(1, min(cpu_count(), n)) + 1).round().astype(int)
     return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
 
 
@@ -718,7 +719,7 @@ def _measure(prep: _Prepared, rows: NDArray[np.intp], cols: NDArray[np.intp], *,
     sigma0 = fwhm / FWHM_PER_SIGMA
     index = _StampIndex.build(prep.shape, rows, cols, half)
     image_stamps = prep.image_stamps(index)
-    moments = _concat_moments(_parallel_map(
+    moments = _concat_moments(parallel_map(
         lambda part: _adaptive_moments(image_stamps[part], sigma0), _row_parts(n)))
     x = cols + moments.dx
     y = rows + moments.dy

@@ -25,10 +25,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, NamedTuple, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal, NamedTuple
 
 import attrs
 import numpy as np
@@ -37,6 +35,7 @@ from scipy import interpolate, ndimage
 
 from skydiff.errors import AlgorithmError, InputError
 from skydiff.exposure import Exposure, robust_sigma
+from skydiff.parallel import cpu_count, parallel_map, serial_matmul
 
 __all__ = [
     "IQR_TO_SIGMA",
@@ -59,38 +58,6 @@ _SCALE_VARIANCE_PLANES = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DAT
 
 Statistic = Literal["median", "clipped_mean"]
 Interpolation = Literal["cubic", "linear"]
-
-_T = TypeVar("_T")
-_R = TypeVar("_R")
-
-
-def _cpu_count() -> int:
-    """CPUs this process may run on, at most ``OMP_NUM_THREADS`` when that is set.
-
-    The ``processes`` executor sets ``OMP_NUM_THREADS`` in its workers to share the machine.
-    """
-    try:
-        count = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        count = os.cpu_count() or 1
-    limit = os.environ.get("OMP_NUM_THREADS", "")
-    if limit.isdigit() and int(limit) > 0:
-        count = min(count, int(limit))
-    return max(1, count)
-
-
-def _parallel_map(function: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
-    """``[function(item) for item in items]``, spread over the CPUs with threads.
-
-    For NumPy/SciPy work that releases the GIL on disjoint parts of an array (row blocks of a
-    frame): one thread per CPU, at most one per item; serial with one CPU or one item.
-    """
-    tasks = list(items)
-    n_threads = min(_cpu_count(), len(tasks))
-    if n_threads <= 1:
-        return [function(task) for task in tasks]
-    with ThreadPoolExecutor(max_workers=n_threads) as pool:
-        return list(pool.map(function, tasks))
 
 
 def _split_segments(segments: list[tuple[int, int, int]], parts: int
@@ -500,25 +467,6 @@ def background_mesh(image: ArrayLike, *, mask: ArrayLike | None = None, bin_size
                             filter_size=filter_size, interpolation=interpolation)
 
 
-#: Largest number of multiply-adds of one matrix product here: OpenBLAS computes a GEMM of
-#: at most 65536 x 4 (``SMP_THRESHOLD_MIN`` x ``GEMM_MULTITHREAD_THRESHOLD``) on the calling
-#: thread, while a larger one wakes its thread pool, which then keeps spinning for ~0.1 s and
-#: slows whatever the process does next on a 2-core machine (FFT threads in particular).
-#: Larger products are split into row blocks of at most this size.
-_SERIAL_GEMM = 1 << 18
-
-
-def _serial_matmul(a: NDArray[np.float32], b: NDArray[np.float32],
-                   out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
-    """``a @ b`` (2-D) by row blocks small enough for a single-threaded BLAS call."""
-    rows = max(1, _SERIAL_GEMM // max(1, a.shape[1] * b.shape[1]))
-    if out is None:
-        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
-    for r0 in range(0, a.shape[0], rows):
-        np.matmul(a[r0:r0 + rows], b, out=out[r0:r0 + rows])
-    return out
-
-
 @attrs.frozen(eq=False, slots=False)  # not slotted: functools.cached_property below
 class _Mesh:
     """A background mesh before interpolation: the sky is ``rows @ values @ columns.T``.
@@ -537,11 +485,11 @@ class _Mesh:
     @functools.cached_property
     def _row_factor(self) -> NDArray[np.float32]:
         """``values @ columns.T``, shape (bin rows, W)."""
-        return _serial_matmul(self.values, np.ascontiguousarray(self.columns.T))
+        return serial_matmul(self.values, np.ascontiguousarray(self.columns.T))
 
     def rows_block(self, start: int, stop: int) -> NDArray[np.float32]:
         """Rows ``[start, stop)`` of the sky (a new float32 array)."""
-        return _serial_matmul(self.rows[start:stop], self._row_factor)
+        return serial_matmul(self.rows[start:stop], self._row_factor)
 
     def stamps(self, rows: NDArray[np.intp], cols: NDArray[np.intp]) -> NDArray[np.float32]:
         """The sky on stamps: ``rows``, ``cols`` of shape (n, side) give (n, side, side)."""
@@ -557,8 +505,8 @@ class _Mesh:
         """
         mesh = self.values if values is None else values
         if mesh.shape[0] <= mesh.shape[1]:
-            return _serial_matmul(self.rows, _serial_matmul(mesh, self.columns.T), out=out)
-        return _serial_matmul(_serial_matmul(self.rows, mesh), self.columns.T, out=out)
+            return serial_matmul(self.rows, serial_matmul(mesh, self.columns.T), out=out)
+        return serial_matmul(serial_matmul(self.rows, mesh), self.columns.T, out=out)
 
     def blocks(self, values: NDArray[np.float32], block_rows: int
                ) -> Iterator[tuple[slice, NDArray[np.float32]]]:
@@ -568,12 +516,12 @@ class _Mesh:
         """
         height = self.rows.shape[0]
         by_rows = values.shape[0] <= values.shape[1]
-        factor = (_serial_matmul(values, self.columns.T) if by_rows
+        factor = (serial_matmul(values, self.columns.T) if by_rows
                   else np.asarray(values, dtype=np.float32))
         for r0 in range(0, height, block_rows):
             rows = slice(r0, min(r0 + block_rows, height))
-            block = _serial_matmul(self.rows[rows], factor)
-            yield rows, block if by_rows else _serial_matmul(block, self.columns.T)
+            block = serial_matmul(self.rows[rows], factor)
+            yield rows, block if by_rows else serial_matmul(block, self.columns.T)
 
     def for_blocks(self, values: NDArray[np.float32], block_rows: int,
                    function: Callable[[slice, NDArray[np.float32]], None]) -> None:
@@ -583,18 +531,18 @@ class _Mesh:
         """
         height = self.rows.shape[0]
         by_rows = values.shape[0] <= values.shape[1]
-        factor = (_serial_matmul(values, self.columns.T) if by_rows
+        factor = (serial_matmul(values, self.columns.T) if by_rows
                   else np.asarray(values, dtype=np.float32))
-        n_parts = _cpu_count()
+        n_parts = cpu_count()
         bounds = np.linspace(0, height, n_parts + 1).round().astype(int)
 
         def run(part: tuple[int, int]) -> None:
             for r0 in range(part[0], part[1], block_rows):
                 rows = slice(r0, min(r0 + block_rows, part[1]))
-                block = _serial_matmul(self.rows[rows], factor)
-                function(rows, block if by_rows else _serial_matmul(block, self.columns.T))
+                block = serial_matmul(self.rows[rows], factor)
+                function(rows, block if by_rows else serial_matmul(block, self.columns.T))
 
-        _parallel_map(run, [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a])
+        parallel_map(run, [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a])
 
 
 def _sample_segments(segments: list[tuple[int, int, int]], stride: int
@@ -685,8 +633,8 @@ def _mesh_model(image: ArrayLike, *, mask: ArrayLike | None, bin_size: int,
         row_blocks, col_blocks, step = row_segments, col_segments, stride
     flags_or_none = None if bool(valid.all()) else valid
     # the bin statistics of runs of bin rows, one run per CPU (large meshes only)
-    row_runs = _split_segments(row_blocks, _cpu_count() if values.size >= 1 << 18 else 1)
-    mesh = np.vstack(_parallel_map(
+    row_runs = _split_segments(row_blocks, cpu_count() if values.size >= 1 << 18 else 1)
+    mesh = np.vstack(parallel_map(
         lambda rs: np.hstack([_block_statistic(values, flags_or_none, rs, cs, statistic, step)
                               for cs in col_blocks]), row_runs))
     empty = ~np.isfinite(mesh)

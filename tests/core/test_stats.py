@@ -236,17 +236,6 @@ def test_mesh_from_a_sampled_mask_and_by_row_blocks(stride: int) -> None:
         _mesh_model(image, mask=mask[::3, ::3], bin_size=64, stride=3, sampled_mask=True)
 
 
-def test_serial_matmul_matches_matmul() -> None:
-    from skydiff.stats import _serial_matmul
-
-    rng = np.random.default_rng(13)
-    a = rng.normal(size=(517, 33)).astype(np.float32)
-    b = rng.normal(size=(33, 2049)).astype(np.float32)
-    np.testing.assert_allclose(_serial_matmul(a, b), a @ b, rtol=1e-5, atol=1e-5)
-    out = np.empty((517, 2049), np.float32)
-    assert _serial_matmul(a, b.T.copy().T, out=out) is out
-
-
 # ------------------------------------------------------------------------------------------
 # variance_scale_factor
 

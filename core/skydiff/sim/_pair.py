@@ -48,8 +48,6 @@ while the normal draw is three times faster on large frames.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, NamedTuple
 
 import astropy.units as u
@@ -65,6 +63,7 @@ from skydiff.errors import ConfigError
 from skydiff.exposure import Exposure, PhotoCalib, VisitInfo
 from skydiff.kernel import spatial_functions
 from skydiff.mask import MaskPlanes
+from skydiff.parallel import parallel_map
 from skydiff.psf import GaussianPsf, ImagePsf, PolynomialPsf, Psf
 from skydiff.sim._config import EpochConfig, SimConfig
 from skydiff.sim._render import PsfProfile, add_sources, auto_oversample, stamp_half_size
@@ -794,8 +793,9 @@ def simulate_pair(
     ``offset`` (the same sky position falls on science pixel :math:`(X + d_x, Y + d_y)` for
     template pixel :math:`(X, Y)`), and a photometric calibration carrying ``flux_scale``.
 
-    The two epochs are rendered concurrently in two threads; each uses only its own random
-    streams, so the result does not depend on scheduling.
+    The two epochs are rendered concurrently (:func:`skydiff.parallel.parallel_map`: in two
+    threads when the process may use two CPUs); each uses only its own random streams, so
+    the result does not depend on scheduling.
 
     Examples
     --------
@@ -808,15 +808,13 @@ def simulate_pair(
     streams = _streams(seed)
     cat = _catalog(config, streams)
 
-    def job(epoch: Epoch) -> Callable[[], _EpochResult]:
-        return lambda: _render_epoch(
+    def render(epoch: Epoch) -> _EpochResult:
+        return _render_epoch(
             config, cat, epoch, seed, streams[f"{epoch}_noise"], streams[f"{epoch}_defects"]
         )
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        future_t = pool.submit(job("template"))
-        future_s = pool.submit(job("science"))
-        template, science = future_t.result(), future_s.result()
+    epochs: tuple[Epoch, Epoch] = ("template", "science")
+    template, science = parallel_map(render, epochs)
 
     truth = _truth_table(config, cat, seed)
     sat_t = _saturated_at(template.exposure, cat["x_template"], cat["y_template"])

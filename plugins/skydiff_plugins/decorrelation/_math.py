@@ -15,9 +15,7 @@ the probe failed).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import attrs
@@ -27,6 +25,7 @@ from numpy.typing import ArrayLike, NDArray
 
 import skydiff
 from skydiff import _fft  # private core module: the probed pocketfft binding (same distribution)
+from skydiff.parallel import cpu_count, parallel_rows, serial_matmul
 
 __all__ = [
     "FILTER_TOLERANCE",
@@ -86,7 +85,8 @@ _BLOCK_ROWS = 64
 #: than twice 2**18 multiply-adds on the calling thread. Larger ones wake its thread pool,
 #: whose threads spin for ~0.1 s afterwards and slow down the FFTs that follow on a small
 #: machine; complex products do so from about 2**16 multiply-adds, so large complex products
-#: are computed as real ones (:func:`_serial_matmul`).
+#: are computed as real ones by :func:`skydiff.parallel.serial_matmul`, in blocks of the same
+#: size (:data:`skydiff.parallel.SERIAL_COMPLEX_GEMM`).
 _SERIAL_GEMM_SIZE = 2**19 - 1
 
 Kind = Literal["diffim", "score_prefiltered", "score_matched"]
@@ -138,8 +138,8 @@ def centered_spectrum(image: ArrayLike, shape: tuple[int, int], *,
     with its central pixel rolled to ``[0, 0]``. On large grids it is computed as
     :math:`E_r\,(\kappa\,E_c)`: the centred DFTs of the rows (one small FFT), then the DFT
     along axis 0 as a matrix product of :math:`N_r (N_c/2) K` complex multiply-adds — a third
-    of one full-frame FFT for a 21-pixel kernel (:func:`_serial_matmul`); small grids use that
-    FFT.
+    of one full-frame FFT for a 21-pixel kernel (:func:`skydiff.parallel.serial_matmul`);
+    small grids use that FFT.
 
     Parameters
     ----------
@@ -169,7 +169,7 @@ def centered_spectrum(image: ArrayLike, shape: tuple[int, int], *,
     # E_r (κ E_c): the rows' centred DFTs (one small float64 rfft), then the DFT along axis 0
     phase_r = np.fft.fftfreq(n_r)[rows, None] * (np.arange(k_r) - k_r // 2)[None, :]
     e_r = np.exp(-2j * np.pi * phase_r).astype(dtype)
-    return _serial_matmul(e_r, _centered_row_spectra(array, n_c).astype(dtype))
+    return serial_matmul(e_r, _centered_row_spectra(array, n_c).astype(dtype))
 
 
 def _centered_row_spectra(image: NDArray[np.float64], n_cols: int
@@ -188,59 +188,6 @@ def _centered_row_spectra(image: NDArray[np.float64], n_cols: int
         padded[:, n_cols - half:] = image[:, :half]
     spectra: NDArray[np.complex128] = scipy.fft.rfft(padded, axis=1)
     return spectra
-
-
-def _run_parts(function: Callable[[int, int], None], n_rows: int, threads: int) -> None:
-    """``function(start, stop)`` over contiguous parts of ``[0, n_rows)``, one per thread.
-
-    The first part runs on the calling thread (NumPy releases the GIL in BLAS calls and
-    ufunc loops); exceptions propagate.
-    """
-    parts = max(1, min(threads, n_rows))
-    if parts == 1:
-        function(0, n_rows)
-        return
-    bounds = [n_rows * i // parts for i in range(parts + 1)]
-    with ThreadPoolExecutor(max_workers=parts - 1) as pool:
-        futures = [pool.submit(function, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-        function(bounds[0], bounds[1])
-        for future in futures:
-            future.result()
-
-
-def _serial_matmul(a: NDArray[np.complexfloating], b: NDArray[np.complexfloating]
-                   ) -> NDArray[np.complexfloating]:
-    r"""``a @ b`` (2-D, complex, same dtype) by blocks of single-threaded real BLAS products.
-
-    With real matrices :math:`[\Re a \mid \Im a]` and the interleaved real and imaginary
-    parts of :math:`b` over those of :math:`i b`, each product writes the real view of the
-    complex result directly (the arithmetic of a complex GEMM). Blocks of rows hold at most
-    :data:`_SERIAL_GEMM_SIZE` multiply-adds (columns are split too when a row alone is
-    larger), and large results are shared out among threads.
-    """
-    out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
-    if out.size == 0:
-        return out
-    left = np.ascontiguousarray(np.concatenate([a.real, a.imag], axis=1))
-    right = np.concatenate([np.ascontiguousarray(b).view(left.dtype),
-                            np.ascontiguousarray(b * 1j).view(left.dtype)])
-    target = out.view(left.dtype)
-    width = right.shape[1]
-    block = _SERIAL_GEMM_SIZE // max(1, left.shape[1] * width)
-    cols = width
-    if block < 2:  # wide products: blocks of (whole complex) columns too
-        block = 2
-        cols = max(2, _SERIAL_GEMM_SIZE // (2 * left.shape[1]) // 2 * 2)
-
-    def run(start: int, stop: int) -> None:
-        for c0 in range(0, width, cols):
-            part = right[:, c0:c0 + cols]
-            for r0 in range(start, stop, block):
-                r1 = min(r0 + block, stop)
-                np.matmul(left[r0:r1], part, out=target[r0:r1, c0:c0 + cols])
-
-    _run_parts(run, out.shape[0], _threads(out.shape))
-    return out
 
 
 def power(spectrum: NDArray[np.complexfloating]) -> NDArray[np.floating]:
@@ -764,7 +711,7 @@ def _workers(shape: tuple[int, ...]) -> int:
 
 
 def _threads(shape: tuple[int, ...]) -> int:
-    return max(1, os.cpu_count() or 1) if math.prod(shape) > _PARALLEL_SIZE else 1
+    return cpu_count() if math.prod(shape) > _PARALLEL_SIZE else 1
 
 
 def _padded(shape: tuple[int, int], support: int) -> tuple[int, int]:
@@ -884,7 +831,7 @@ def _apply_even_filter(spectrum: NDArray[np.complex64], stamp: NDArray[np.float6
             block = spectrum[start:stop]
             np.multiply(block, single[:stop - start], out=block)
 
-    _run_parts(run, n_rows, _threads(spectrum.shape))
+    parallel_rows(run, n_rows, threads=_threads(spectrum.shape))
 
 
 def _weighted_sum(a: NDArray[np.float32], w_a: float, b: NDArray[np.float32], w_b: float
@@ -903,7 +850,7 @@ def _weighted_sum(a: NDArray[np.float32], w_a: float, b: NDArray[np.float32], w_
             np.multiply(b[block], np.float32(w_b), out=tmp)
             np.add(target, tmp, out=target)
 
-    _run_parts(run, a.shape[0], _threads(a.shape))
+    parallel_rows(run, a.shape[0], threads=_threads(a.shape))
     return out
 
 
@@ -914,7 +861,7 @@ def _by_rows(ufunc: np.ufunc, source: NDArray[np.float32], value: np.float32,
     def run(first: int, last: int) -> None:
         ufunc(source[first:last], value, out=out[first:last])
 
-    _run_parts(run, source.shape[0], threads)
+    parallel_rows(run, source.shape[0], threads=threads)
 
 
 def _mean_and_bad(image: NDArray[np.float32], bad: NDArray[np.bool_] | None

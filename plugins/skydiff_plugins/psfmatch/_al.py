@@ -69,6 +69,7 @@ import numpy as np
 from astropy.table import Table
 
 import skydiff
+from skydiff.parallel import parallel_map, parallel_rows
 
 from . import _solve
 from ._common import (
@@ -77,8 +78,6 @@ from ._common import (
     frozen,
     mask_hygiene,
     merge_masks,
-    parallel_map,
-    parallel_rows,
     psf_axis_fwhms,
     psf_fwhm,
     scale_variances,
@@ -635,7 +634,7 @@ class PsfMatchSubtraction(skydiff.Subtraction):
             def subtract(rows: slice) -> None:
                 np.subtract(raw.image[rows], background[rows], out=raw.image[rows])
 
-            parallel_rows(subtract, raw.image.shape[0])
+            parallel_rows(lambda start, stop: subtract(slice(start, stop)), raw.image.shape[0])
         changes: dict[str, Any] = {} if raw.psf is _SAME_PSF else {"psf": raw.psf}
         difference = raw.like.evolve(image=frozen(raw.image), variance=frozen(raw.variance),
                                      mask=frozen(raw.mask), mask_planes=raw.planes, **changes)

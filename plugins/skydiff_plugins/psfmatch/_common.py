@@ -11,26 +11,22 @@ Everything here returns new objects; the caller's exposures are never modified.
 * :func:`psf_fwhm`, :func:`psf_axis_fwhms` -- PSF widths for the basis and the ``auto`` mode.
 * :func:`spatial_image` -- a Chebyshev/polynomial model of position evaluated on the pixel
   grid, separably.
-* :func:`serial_matmul` -- a matrix product split so that BLAS never wakes its thread pool.
-* :func:`parallel_map`, :func:`parallel_rows` -- independent NumPy work spread over the CPUs
-  with threads.
 
 Whole-image passes avoid full-size temporaries (row blocks, in-place operations): on a
 2048 × 4096 frame every fresh 32 MB array costs page faults comparable to the arithmetic.
+Independent NumPy work is spread over the CPUs with threads, and matrix products are split
+so that BLAS never wakes its thread pool, by :mod:`skydiff.parallel`.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-import os
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 import skydiff
+from skydiff.parallel import parallel_map, serial_matmul
 
 __all__ = [
     "FWHM_PER_SIGMA",
@@ -38,17 +34,11 @@ __all__ = [
     "frozen",
     "mask_hygiene",
     "merge_masks",
-    "parallel_map",
-    "parallel_rows",
     "psf_axis_fwhms",
     "psf_fwhm",
     "scale_variances",
-    "serial_matmul",
     "spatial_image",
 ]
-
-_T = TypeVar("_T")
-_R = TypeVar("_R")
 
 #: :math:`2\sqrt{2\ln 2}`.
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -155,79 +145,6 @@ def mask_hygiene(science: skydiff.Exposure, template: skydiff.Exposure, *,
 
 #: Rows per block of the whole-image mask passes (small temporaries, no full-size ones).
 _ROW_BLOCK = 128
-
-#: Largest number of multiply-adds of one matrix product (see :func:`serial_matmul`): 65536 x 4,
-#: OpenBLAS's ``SMP_THRESHOLD_MIN`` x ``GEMM_MULTITHREAD_THRESHOLD``.
-SERIAL_GEMM = 1 << 18
-
-#: Outputs of at least this many elements are computed by several threads.
-_PARALLEL_SIZE = 1 << 20
-
-
-def cpu_count() -> int:
-    """CPUs this process may run on, at most ``OMP_NUM_THREADS`` when that is set.
-
-    The ``processes`` executor sets ``OMP_NUM_THREADS`` in its workers to share the machine.
-    """
-    try:
-        count = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        count = os.cpu_count() or 1
-    limit = os.environ.get("OMP_NUM_THREADS", "")
-    if limit.isdigit() and int(limit) > 0:
-        count = min(count, int(limit))
-    return max(1, count)
-
-
-def parallel_map(function: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
-    """``[function(item) for item in items]`` in threads, one per CPU (at most one per item).
-
-    For NumPy/SciPy work on independent data, which releases the GIL; serial with one CPU or
-    one item. Exceptions propagate as from the loop.
-    """
-    tasks = list(items)
-    n_threads = min(cpu_count(), len(tasks))
-    if n_threads <= 1:
-        return [function(task) for task in tasks]
-    with ThreadPoolExecutor(max_workers=n_threads) as pool:
-        return list(pool.map(function, tasks))
-
-
-def serial_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``a @ b`` (2-D) by row blocks of at most :data:`SERIAL_GEMM` multiply-adds.
-
-    OpenBLAS computes such products on the calling thread only; a larger one wakes its thread
-    pool, which keeps spinning for ~0.1 s afterwards and on a 2-core machine slows down
-    whatever the process does next (the FFT threads in particular) far more than the product
-    gained. The blocks give the same result; for large outputs they are shared out among
-    threads of our own (:func:`parallel_map`), which end with the call.
-    """
-    rows = max(1, SERIAL_GEMM // max(1, a.shape[1] * b.shape[1]))
-    if out is None:
-        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
-    result = out
-
-    def run(part: tuple[int, int]) -> None:
-        for r0 in range(part[0], part[1], rows):
-            r1 = min(r0 + rows, part[1])
-            np.matmul(a[r0:r1], b, out=result[r0:r1])
-
-    # large products: the row blocks are shared out among threads, one per CPU
-    n_parts = cpu_count() if result.size >= _PARALLEL_SIZE else 1
-    bounds = np.linspace(0, a.shape[0], n_parts + 1).round().astype(int)
-    parallel_map(run, [(int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds) if hi > lo])
-    return out
-
-
-def parallel_rows(function: Callable[[slice], None], n_rows: int) -> None:
-    """``function(rows)`` over the whole of ``n_rows`` rows, split among threads (one per CPU).
-
-    ``function`` must only touch the rows it is given.
-    """
-    bounds = np.linspace(0, n_rows, cpu_count() + 1).round().astype(int)
-    parallel_map(function, [slice(int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)
-                            if hi > lo])
-
 
 def _or_moved_bits(out: np.ndarray, mask: np.ndarray, moves: Sequence[tuple[int, int]]
                    ) -> None:

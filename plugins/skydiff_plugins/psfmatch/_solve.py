@@ -52,8 +52,9 @@ import scipy.linalg
 import scipy.ndimage
 from numpy.typing import ArrayLike, NDArray
 
+from skydiff.parallel import parallel_map, serial_matmul
+
 from ._basis import pca_basis
-from ._common import parallel_map, serial_matmul
 from ._stats import clipped_stats
 
 __all__ = [

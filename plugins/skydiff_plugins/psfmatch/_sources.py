@@ -77,9 +77,9 @@ import numpy as np
 from astropy.table import Table
 
 import skydiff
+from skydiff.parallel import parallel_map
 
 from ._basis import FWHM_PER_SIGMA
-from ._common import parallel_map
 
 __all__ = [
     "DEFAULT_BAD_PLANES",

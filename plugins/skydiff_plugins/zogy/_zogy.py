@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import attrs
@@ -53,6 +51,7 @@ import scipy.fft
 from astropy.table import Table
 
 import skydiff
+from skydiff.parallel import cpu_count, parallel_map
 from skydiff.psf import psf_moments
 
 from ._filters import (
@@ -267,17 +266,6 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _cpu_count() -> int:
-    try:
-        count = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        count = os.cpu_count() or 1
-    limit = os.environ.get("OMP_NUM_THREADS", "")
-    if limit.isdigit() and int(limit) > 0:
-        count = min(count, int(limit))
-    return max(1, count)
-
-
 @attrs.frozen
 class _Side:
     """One input after preparation: planes for the FFTs and bookkeeping."""
@@ -488,8 +476,7 @@ class ZogySubtraction(skydiff.Subtraction):
                          sigma2=sigma2, filled=filled, variance_factor=factor,
                          psf_source=psf_source, source_noise=mode, gain=gain)
 
-        with ThreadPoolExecutor(max_workers=min(2, _cpu_count())) as pool:
-            side_n, side_r = pool.map(one, ((science, "science"), (template, "template")))
+        side_n, side_r = parallel_map(one, ((science, "science"), (template, "template")))
         return side_n, side_r
 
     def _source_noise(self, exposure: skydiff.Exposure, sky: np.ndarray, sigma2: float,
@@ -655,7 +642,7 @@ class ZogySubtraction(skydiff.Subtraction):
             return kernel_images(psfs_n[index], psfs_r[index], grid=grid, sigma2_n=s2n,
                                  sigma2_r=s2r, shift=shifts[index], **common)
 
-        images = _parallel(kernels, range(len(centres.cells)))
+        images = parallel_map(kernels, range(len(centres.cells)))
         support = max(max(support_radius(item[0][name], fraction=_SUPPORT_TOLERANCE)
                           for name in ("c_n", "c_r", "k_n", "k_r")) for item in images)
         border = int(min((grid - 1) // 2, max(support + 1, size // 2 + 1)))
@@ -686,7 +673,7 @@ class ZogySubtraction(skydiff.Subtraction):
             names += ["score_astrometric"]
         single = len(layout.cells) == 1
         # one cell: the FFTs use every CPU; several: one cell per CPU
-        workers = _cpu_count() if single else 1
+        workers = cpu_count() if single else 1
         outputs = {name: np.zeros(shape, dtype=np.float32) for name in names}
         filters_out: list[CellFilters | None] = [None] * len(layout.cells)
 
@@ -1007,36 +994,15 @@ def _psf_variation(psfs: tuple[Any, ...], shape: tuple[int, int], origin: tuple[
     return rate, change
 
 
-def _parallel(function: Callable[[int], Any], items: range) -> list[Any]:
-    n = min(_cpu_count(), len(items))
-    if n <= 1:
-        return [function(i) for i in items]
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        return list(pool.map(function, items))
-
-
 def _ordered(function: Callable[[int], Any], items: range) -> Iterator[Any]:
     """``function(i)`` for every item, computed in threads, yielded in input order.
 
-    At most two tasks per thread are in flight, so finished cell outputs never pile up.
+    The items go to :func:`~skydiff.parallel.parallel_map` in batches of two per CPU, so
+    finished cell outputs never pile up.
     """
-    n = min(_cpu_count(), len(items))
-    if n <= 1:
-        for i in items:
-            yield function(i)
-        return
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        pending: list[Future[Any]] = []
-        iterator = iter(items)
-        for i in iterator:
-            pending.append(pool.submit(function, i))
-            if len(pending) >= 2 * n:
-                break
-        for i in iterator:
-            yield pending.pop(0).result()
-            pending.append(pool.submit(function, i))
-        while pending:
-            yield pending.pop(0).result()
+    batch = 2 * cpu_count()
+    for start in range(0, len(items), batch):
+        yield from parallel_map(function, items[start:start + batch])
 
 
 def _merge(first: np.ndarray, first_planes: skydiff.MaskPlanes, second: np.ndarray,

@@ -13,7 +13,6 @@ import skydiff
 from skydiff_plugins.psfmatch._common import (
     mask_hygiene,
     merge_masks,
-    serial_matmul,
     spatial_image,
 )
 
@@ -109,11 +108,3 @@ def test_spatial_image_matches_a_direct_evaluation(kind: str, stride: int) -> No
     assert zero is out and not zero.any()
 
 
-def test_serial_matmul_matches_matmul() -> None:
-    rng = np.random.default_rng(23)
-    a = rng.normal(size=(300, 27))
-    b = rng.normal(size=(27, 441))
-    np.testing.assert_allclose(serial_matmul(a, b), a @ b, rtol=1e-12, atol=1e-12)
-    c = rng.normal(size=(5, 3)).astype(np.float32)
-    d = rng.normal(size=(3, 100_000)).astype(np.float32)  # more than one block per row
-    np.testing.assert_allclose(serial_matmul(c, d), c @ d, rtol=1e-5, atol=1e-5)
