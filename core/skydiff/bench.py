@@ -778,7 +778,7 @@ def _io_stage(run: _Run, exposure: Exposure) -> None:
 
 
 def run_benchmark(*, size: Sequence[int] = (2048, 4096), seed: int = 0,
-                  stages: Sequence[str] | str = STAGES, repeat: int = 1,
+                  stages: Sequence[str] | str = STAGES, repeat: int = 3,
                   trace_memory: bool = True,
                   progress: Callable[[str], None] | None = None) -> BenchResult:
     r"""Simulate a pair and measure each stage of an AL subtraction (see the module notes).
@@ -794,7 +794,7 @@ def run_benchmark(*, size: Sequence[int] = (2048, 4096), seed: int = 0,
         Which of :data:`STAGES` to run (default all). Selecting any of the plugin stages or
         ``subtraction`` runs the whole ``al`` subtraction.
     repeat : int, optional
-        Timed runs per stage (≥ 1); times are the median.
+        Timed runs per stage (≥ 1, default 3); times are the median.
     trace_memory : bool, optional
         Measure peak memory with :mod:`tracemalloc` in an extra warm-up run per stage
         (default). Without it stages report no memory and the first timed run is cold.

@@ -24,8 +24,8 @@ def add_parser(subparsers: Any, add_common: Callable[[argparse.ArgumentParser], 
     parser.add_argument("--size", type=int, nargs=2, metavar=("ROWS", "COLS"),
                         default=(2048, 4096), help="image shape (default 2048 4096)")
     parser.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="timed runs per stage; the median is reported (default 1)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed runs per stage; the median is reported (default 3)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, metavar="STAGE",
                         default=list(STAGES),
                         help=f"stages to run (default all): {', '.join(STAGES)}")
