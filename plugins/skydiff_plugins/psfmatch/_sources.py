@@ -21,6 +21,13 @@ all candidates:
     the star must be detected in the template too (S/N of
     :func:`~skydiff.sources.measure_stars` at the same position >= ``min_template_snr``):
     transients and fast movers are no kernel sources;
+``variable``
+    with ``reject_variables``, the star's science/template flux ratio (the same aperture in
+    both) must lie within ``max_ratio_sigma`` of the median ratio, in units of its
+    error widened by the scatter of the ratios (:func:`flux_ratio_deviations`): a variable
+    kernel star pulls the kernel towards its change (not tested upstream). Like the cells
+    below, the test never leaves fewer than twice the required number of candidates: the
+    least deviant of the stars it flags are then kept;
 ``cell_full`` / ``max_sources``
     the survivors are sorted brightest first (by science flux) and at most ``n_per_cell`` are
     kept per square cell and ``max_sources`` in all, so that the spatial model is constrained
@@ -104,10 +111,14 @@ _PRESELECT_EXTRA = 0
 _MAX_AUTO_BIN = 4
 _MIN_BINNED_FWHM = 1.5
 
+#: Quartile and median of :math:`|x|` for a standard normal :math:`x` (robust spreads).
+_HALF_NORMAL_Q25 = 0.31863936396437514
+_HALF_NORMAL_Q50 = 0.6744897501960817
+
 #: Rejection reasons of the selection step, in the order they are tested.
 SELECTION_REASONS: tuple[str, ...] = ("not_finite", "edge", "masked_science", "masked_template",
                                       "not_isolated", "low_snr", "high_snr", "template_faint",
-                                      "cell_full", "max_sources")
+                                      "variable", "cell_full", "max_sources")
 
 
 @skydiff.configclass
@@ -154,6 +165,16 @@ class KernelSourcesConfig(skydiff.Config):
         None, min=1, optional=True,
         doc="Fewest sources needed; None: the number of spatial terms of the kernel and "
             "background models, at least 3.")
+    reject_variables: bool = skydiff.Field(
+        True, doc="Reject stars whose science/template flux ratio (the same aperture in "
+                  "both) differs from the median ratio by more than max_ratio_sigma: "
+                  "variable stars, which the kernel would otherwise partly absorb. False: "
+                  "no such test (upstream).")
+    max_ratio_sigma: float = skydiff.RangeField(
+        4.0, min=0.0, inclusive_min=False,
+        doc="Threshold of reject_variables, in units of each ratio's own error widened by "
+            "the relative scatter of the precise ratios and by the spread of all ratios "
+            "(flux_ratio_deviations).")
     bin_factor: int | None = skydiff.RangeField(
         None, min=1, max=8, optional=True,
         doc="Find the stars on the science image binned bin_factor x bin_factor (sums: "
@@ -170,8 +191,9 @@ class KernelSourceSelection:
     ----------
     table : astropy.table.Table
         Every candidate, brightest first: ``x``, ``y`` (science array column, row), ``flux``,
-        ``snr``, ``template_snr``, ``selected`` (bool) and ``reason`` (``""`` when selected,
-        else one of :data:`SELECTION_REASONS`).
+        ``snr``, ``template_snr``, ``ratio_z`` (the flux-ratio deviation of
+        :func:`flux_ratio_deviations`; NaN where not tested), ``selected`` (bool) and
+        ``reason`` (``""`` when selected, else one of :data:`SELECTION_REASONS`).
     index : ndarray of int
         Rows of ``table`` that were selected, brightest first.
     """
@@ -319,11 +341,22 @@ def aperture_snr(exposure: skydiff.Exposure, rows: np.ndarray, cols: np.ndarray,
     :math:`2\,\mathrm{FWHM}` and :math:`2.5\,\mathrm{FWHM}`; the noise is
     :math:`\sqrt{\sum V}` over the aperture. Stamps are clipped to the image.
     """
+    flux, error = _fwhm_aperture(exposure, rows, cols, fwhm)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(error > 0, flux / error, np.nan)
+
+
+def aperture_flux(exposure: skydiff.Exposure, rows: np.ndarray, cols: np.ndarray, *,
+                  radius: float, inner: float, outer: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    r"""Sky-subtracted aperture fluxes and their errors at integer positions (vectorised).
+
+    The sum over the pixels within ``radius`` of the centre minus their number times the
+    median of the ring ``[inner, outer]``; the error is :math:`\sqrt{\sum V}` over the
+    aperture. Stamps are clipped to the image.
+    """
     if rows.size == 0:
-        return np.zeros(0)
-    radius = max(2.0, float(fwhm))
-    outer = max(radius + 2.0, 2.5 * float(fwhm))
-    inner = max(radius + 1.0, 2.0 * float(fwhm))
+        return np.zeros(0), np.zeros(0)
     half = math.ceil(outer)
     offsets = np.arange(-half, half + 1)
     height, width = exposure.shape
@@ -337,8 +370,89 @@ def aperture_snr(exposure: skydiff.Exposure, rows: np.ndarray, cols: np.ndarray,
     sky = np.median(image[:, ring], axis=1)
     flux = (image[:, aperture] - sky[:, None]).sum(axis=1)
     noise = np.sqrt(np.maximum(variance[:, aperture].sum(axis=1), 0.0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(noise > 0, flux / noise, np.nan)
+    return flux, noise
+
+
+def _fwhm_aperture(exposure: skydiff.Exposure, rows: np.ndarray, cols: np.ndarray,
+                   fwhm: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`aperture_flux` with radius ``max(2, FWHM)`` and the ring ``[2, 2.5] FWHM``."""
+    radius = max(2.0, float(fwhm))
+    return aperture_flux(exposure, rows, cols, radius=radius,
+                         inner=max(radius + 1.0, 2.0 * float(fwhm)),
+                         outer=max(radius + 2.0, 2.5 * float(fwhm)))
+
+
+def flux_ratio_deviations(science: skydiff.Exposure, template: skydiff.Exposure,
+                          x: np.ndarray, y: np.ndarray, fwhm: float, *,
+                          threshold: float = 4.0, max_iter: int = 10
+                          ) -> tuple[np.ndarray, float, float]:
+    r"""How far each star's science/template flux ratio lies from the others', in σ.
+
+    Each image's flux is summed in the same aperture of radius :math:`\max(2,
+    \mathrm{FWHM})` (the larger FWHM) around the nearest pixel, after subtracting the median
+    of the ring :math:`[2, 2.5]\,\mathrm{FWHM}`: no PSF model is needed (estimated models
+    of stacked images err by several per cent), and the different fractions of the two PSFs
+    inside the aperture change all ratios alike -- the median absorbs them, and their
+    variation across the field goes into the scatter :math:`f` below. With
+    :math:`r_i = F^S_i / F^T_i`, :math:`\tilde r` the median ratio of the stars kept,
+    :math:`\delta_i = r_i/\tilde r - 1` and :math:`\epsilon_i` the relative error of
+    :math:`r_i` from both flux errors,
+
+    .. math::
+
+        z_i = \frac{\delta_i}{s\,\sqrt{\epsilon_i^2 + f^2}}, \qquad
+        s = \max\Big(1,\ 1.4826\,\operatorname{median}_{\mathrm{kept}}
+        \frac{|\delta_i|}{\sqrt{\epsilon_i^2 + f^2}}\Big),
+
+    where :math:`f = 1.4826\,\operatorname{median}|\delta_i|` over the more precise half of
+    the kept stars is the relative scatter of the ratios beyond their photon noise (PSF
+    variations across the field, centring on the nearest pixel: they hit the brightest
+    stars hardest) and :math:`s` absorbs errors that the variance planes
+    underestimate (correlated noise). All stars are kept at first, with the spreads taken
+    from the first quartile of :math:`|\cdot|` instead of the median (divided by 0.3186, its
+    value for a normal sample), which holds while three quarters are constant stars; stars
+    with :math:`|z| >` ``threshold`` are then set aside and the statistics recomputed until
+    no star changes side (at most ``max_iter`` passes), so that a field rich in variables
+    does not inflate them. A variable star has :math:`|z| \gg 1`; so has a star blended
+    differently in the two images.
+
+    Returns
+    -------
+    z : ndarray
+        NaN where a flux is not positive.
+    f, s : float
+        The relative scatter and the scale.
+    """
+    rows, cols = np.rint(y).astype(np.int64), np.rint(x).astype(np.int64)
+    # the two images in parallel threads (NumPy releases the GIL)
+    (f_s, e_s), (f_t, e_t) = parallel_map(
+        lambda exposure: _fwhm_aperture(exposure, rows, cols, fwhm), (science, template))
+    z = np.full(x.shape, np.nan)
+    with np.errstate(invalid="ignore"):
+        good = (f_s > 0) & (f_t > 0) & (e_s > 0) & (e_t > 0)
+    if np.count_nonzero(good) < 3:
+        return z, 0.0, 1.0
+    ratio = f_s[good] / f_t[good]
+    relative = np.hypot(e_s[good] / f_s[good], e_t[good] / f_t[good])
+    kept = np.ones(ratio.shape, dtype=bool)
+    floor, scale, values = 0.0, 1.0, np.zeros(ratio.shape)
+    for iteration in range(max(2, max_iter)):
+        # the first pass must survive a field rich in variables: spreads from the first
+        # quartile of |x| (0.3186 sigma for a normal sample: robust to 75 % outliers); then
+        # from the median of |x| of the stars kept
+        quantile, unit = (0.25, _HALF_NORMAL_Q25) if iteration == 0 else (0.5, _HALF_NORMAL_Q50)
+        delta = ratio / np.median(ratio[kept]) - 1.0
+        precise = kept & (relative <= np.median(relative[kept]))
+        floor = float(np.quantile(np.abs(delta[precise]), quantile)) / unit
+        deviation = delta / np.hypot(relative, floor)
+        scale = max(1.0, float(np.quantile(np.abs(deviation[kept]), quantile)) / unit)
+        values = deviation / scale
+        inside = np.abs(values) <= threshold
+        if np.count_nonzero(inside) < 3 or (iteration > 0 and np.array_equal(inside, kept)):
+            break
+        kept = inside
+    z[good] = values
+    return z, floor, scale
 
 
 def _candidates(science: skydiff.Exposure, sources: Table | None, config: KernelSourcesConfig,
@@ -516,6 +630,21 @@ def select_kernel_sources(
         width_t = template_fwhm if template_fwhm is not None else (fwhm or 3.0)
         template_snr[live] = aperture_snr(template, rows[live], cols[live], width_t)
         reject(~(template_snr >= config.min_template_snr), "template_faint")
+    ratio_z = np.full(n, np.nan)
+    live = reasons == ""
+    if config.reject_variables and np.count_nonzero(live) >= 3:
+        widest = max(fwhm or 0.0, template_fwhm or 0.0) or 3.0
+        ratio_z[live], _, _ = flux_ratio_deviations(science, template, x[live], y[live],
+                                                    widest, threshold=config.max_ratio_sigma)
+        flagged = np.flatnonzero(live & (np.abs(ratio_z) > config.max_ratio_sigma))
+        # like the cells, the test never starves the fit: it leaves at least twice the
+        # required number of candidates, giving back the least deviant stars it flagged
+        # (the fit's kernel-sum and residual clipping still apply to them)
+        spare = np.count_nonzero(live) - flagged.size - 2 * needed
+        if spare < 0:
+            flagged = flagged[np.argsort(-np.abs(ratio_z[flagged]), kind="stable")]
+            flagged = flagged[:max(0, flagged.size + spare)]
+        reject(np.isin(np.arange(n), flagged), "variable")
 
     order = np.argsort(-np.where(np.isfinite(flux), flux, -np.inf), kind="stable")
     ok = order[reasons[order] == ""]
@@ -539,7 +668,8 @@ def select_kernel_sources(
     reasons[ok[config.max_sources:]] = "max_sources"
     selected = ok[:config.max_sources]
 
-    table = Table({"x": x, "y": y, "flux": flux, "snr": snr, "template_snr": template_snr})
+    table = Table({"x": x, "y": y, "flux": flux, "snr": snr, "template_snr": template_snr,
+                   "ratio_z": ratio_z})
     table["selected"] = reasons == ""
     table["reason"] = reasons
     table = table[order]

@@ -124,8 +124,10 @@ def test_found_sources_and_the_insufficient_error():
     with pytest.raises(skydiff.InsufficientKernelSourcesError) as info:
         select(pair.science, pair.template, min_sources=10_000)
     metadata = info.value.metadata
-    # all clean sources are offered (the cells do not starve a fit that needs many)
-    n_clean = selection.n_selected + int(np.sum(selection.table["reason"] == "cell_full"))
+    # all clean sources are offered (neither the cells nor the variable test starve a fit
+    # that needs many)
+    reasons = np.asarray(selection.table["reason"])
+    n_clean = selection.n_selected + int(np.sum(np.isin(reasons, ["cell_full", "variable"])))
     assert metadata["n_needed"] == 10_000 and metadata["n_found"] == n_clean
     assert "lower spatial_kernel_order" in str(info.value)
 
@@ -227,3 +229,115 @@ def test_the_binned_search_selects_real_stars_at_their_positions():
     assert np.quantile(near, 0.9) < 0.3 and np.median(near) < 0.15
     assert near.max() <= reference.max() + 0.5
     assert abs(binned.n_selected - full.n_selected) <= 0.1 * full.n_selected
+
+
+@pytest.fixture(scope="module")
+def variable_pair():
+    """512 x 512, 150 constant stars and 20 variables (+-50 %), flux scale 0.9."""
+    return simulate_pair(shape=(512, 512), n_stars=150, seed=4, flux_min=3e3, flux_max=2e5,
+                         n_variables=20, variable_flux=(5e3, 5e4), variable_fraction=0.5,
+                         flux_scale=0.9, science={"fwhm": 4.0}, template={"fwhm": 3.0})
+
+
+def _near(table, truth, kind, radius=2.0):
+    chosen = truth[np.asarray(truth["kind"]) == kind]
+    xy = np.column_stack([chosen["x"], chosen["y"]])
+    return np.array([np.min(np.hypot(*(xy - [x, y]).T)) < radius
+                     for x, y in zip(table["x"], table["y"], strict=True)])
+
+
+def _blended(x, y, truth, radius=8.0):
+    """Whether a second true source lies within ``radius`` (2 FWHM) of each position."""
+    xy = np.column_stack([truth["x"], truth["y"]])
+    return np.array([np.sort(np.hypot(*(xy - [u, v]).T))[1] < radius
+                     for u, v in zip(x, y, strict=True)])
+
+
+def test_variable_stars_are_rejected_and_constant_ones_kept(variable_pair):
+    pair = variable_pair
+    selection = select_kernel_sources(pair.science, pair.template, kernel_size=K,
+                                      config=KernelSourcesConfig(target_sources=0),
+                                      min_sources=3, fwhm=4.0, template_fwhm=3.0)
+    table = selection.table
+    variable = _near(table, pair.truth, "variable")
+    rejected = np.asarray(table["reason"]) == "variable"
+    z = np.asarray(table["ratio_z"])
+    # every variable that reached the test is rejected, with a large deviation
+    tested = np.isfinite(z)
+    assert np.count_nonzero(variable & tested) >= 8
+    assert np.all(rejected[variable & tested])
+    assert np.all(np.abs(z[variable & tested]) > 4.0)
+    # unblended constant stars: deviations of unit scale, none rejected (4 sigma); stars
+    # blended with a neighbour within 2 FWHM may be (the PSF fits see the pair differently)
+    constant = tested & ~variable & ~_blended(table["x"], table["y"], pair.truth)
+    assert np.count_nonzero(constant) >= 50
+    assert not np.any(rejected[constant])
+    assert 0.6 < 1.4826 * np.median(np.abs(z[constant])) < 1.4
+    assert not np.any(variable[selection.index])
+    off = select_kernel_sources(pair.science, pair.template, kernel_size=K,
+                                config=KernelSourcesConfig(target_sources=0,
+                                                           reject_variables=False),
+                                min_sources=3, fwhm=4.0, template_fwhm=3.0)
+    assert "variable" not in set(off.table["reason"])
+    assert np.all(np.isnan(np.asarray(off.table["ratio_z"])))
+    assert np.any(_near(off.table, pair.truth, "variable")[off.index])
+
+
+def test_ratio_deviations_are_scaled_when_the_variance_underestimates_the_noise(
+        variable_pair):
+    """Constant, unblended stars have deviations of unit scale whether the variance planes
+    are right or 4x too small (as with correlated noise): the scale and the relative floor
+    absorb the missing noise, and none of them would be rejected."""
+    pair = variable_pair
+    truth = pair.truth
+    stars = truth[(np.asarray(truth["kind"]) == "star")
+                  & (np.asarray(truth["flux_template"]) > 3e3)]
+    x, y = np.asarray(stars["x"], float), np.asarray(stars["y"], float)
+    inside = (x > 30) & (x < 481) & (y > 30) & (y < 481) & ~_blended(x, y, truth)
+    x, y = x[inside], y[inside]
+    assert x.size >= 30
+    small = [e.evolve(variance=e.variance / np.float32(4.0)) for e in (pair.science,
+                                                                       pair.template)]
+    spreads = []
+    for science, template in ((pair.science, pair.template), small):
+        z, floor, scale = _sources.flux_ratio_deviations(science, template, x, y, 4.0)
+        assert np.all(np.isfinite(z)) and floor >= 0.0 and scale >= 1.0
+        assert np.max(np.abs(z)) < 4.0
+        spread = 1.4826 * float(np.median(np.abs(z)))
+        # the median of |z| over N ~ 90 stars is known to ~ 1.25 / sqrt(N) ~ 13 %
+        assert 0.6 < spread < 1.25
+        spreads.append((floor, scale))
+    (floor, scale), (floor_small, scale_small) = spreads
+    assert floor_small == pytest.approx(floor, rel=1e-6)  # the ratios themselves are the same
+    assert scale_small > scale  # the errors halved: part of the spread goes into the scale
+
+
+def test_the_variable_test_never_starves_the_fit(variable_pair):
+    """When rejecting every flagged star would leave fewer than twice the required number
+    of candidates, the least deviant flagged stars are given back."""
+    pair = variable_pair
+
+    def run(min_sources):
+        return select_kernel_sources(pair.science, pair.template, kernel_size=K,
+                                     config=KernelSourcesConfig(target_sources=0),
+                                     min_sources=min_sources, fwhm=4.0, template_fwhm=3.0)
+
+    free = run(3).table
+    z = np.asarray(free["ratio_z"])
+    # the candidates that reach the test (a few have no positive flux: z is NaN)
+    tested = int(np.count_nonzero(np.isin(np.asarray(free["reason"]),
+                                          ["", "variable", "cell_full", "max_sources"])))
+    flagged = np.abs(z) > 4.0
+    n_flagged = int(np.count_nonzero(flagged))
+    assert n_flagged >= 10 and np.all(np.asarray(free["reason"])[flagged] == "variable")
+    needed = (tested - n_flagged) // 2 + 3  # 2 x needed exceeds the unflagged by 5 or 6
+    tight = run(needed).table  # (with many needed, every detection is measured)
+    z_tight = np.asarray(tight["ratio_z"])
+    reasons = np.asarray(tight["reason"])
+    reaching = int(np.count_nonzero(np.isin(reasons, ["", "variable", "cell_full",
+                                                      "max_sources"])))
+    rejected = reasons == "variable"
+    given_back = (np.abs(z_tight) > 4.0) & ~rejected
+    assert np.count_nonzero(given_back) >= 3
+    assert np.count_nonzero(rejected) == reaching - 2 * needed
+    assert np.abs(z_tight[given_back]).max() < np.abs(z_tight[rejected]).min()
