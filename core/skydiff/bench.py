@@ -63,6 +63,7 @@ import numpy as np
 import scipy
 import scipy.fft
 
+from skydiff import _memory
 from skydiff.convolve import convolve
 from skydiff.errors import InputError
 from skydiff.exposure import Exposure
@@ -339,7 +340,8 @@ class BenchResult:
             f"{machine.get('platform')}, Python {machine.get('python')}, "
             f"numpy {machine.get('numpy')}, scipy {machine.get('scipy')}, "
             f"skydiff {machine.get('skydiff')}, load average {machine.get('load_before')} "
-            f"-> {machine.get('load_after')}")
+            f"-> {machine.get('load_after')}, freed memory "
+            f"{'retained' if machine.get('freed_memory_retained') else 'returned to the OS'}")
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
@@ -594,6 +596,8 @@ def _versions() -> dict[str, Any]:
         "numpy": np.__version__,
         "scipy": scipy.__version__,
         "skydiff": skydiff_version,
+        # the skydiff command keeps freed memory for reuse (skydiff._memory)
+        "freed_memory_retained": _memory.is_retained(),
     }
 
 

@@ -70,7 +70,15 @@ def _configure_logging(verbose: int, quiet: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``skydiff`` command line and return its exit status."""
+    """Run the ``skydiff`` command line and return its exit status.
+
+    Run as the command (``argv`` None), it first makes the process keep the memory it frees
+    for reuse (``skydiff._memory``; ``SKYDIFF_RETAIN_MEMORY=0`` opts out).
+    """
+    if argv is None:
+        from skydiff._memory import retain_freed_memory
+
+        retain_freed_memory()
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
     logger = logging.getLogger("skydiff")
