@@ -83,3 +83,17 @@ def test_tiled_variance_scale_factor_agrees_with_the_full_image() -> None:
     assert full == pytest.approx(1.3, rel=0.03)
     assert tiled == pytest.approx(full, rel=0.03)
     assert tiled != full  # the tiles are a sample, not the whole image
+
+
+def test_template_coverage_with_huge_finite_values_is_complete() -> None:
+    """Rows of float32 values near the maximum overflow a float32 sum: such images take the
+    pixel-by-pixel count, which still finds every pixel covered."""
+    image = np.full((8, 16), 3.0e38, np.float32)
+    science = skydiff.Exposure(image, variance=np.ones((8, 16), np.float32))
+    template = skydiff.Exposure(np.zeros((8, 16), np.float32),
+                                variance=np.ones((8, 16), np.float32))
+    assert skydiff.template_coverage(science, template) == 1.0
+    image = image.copy()
+    image[0, 0] = np.inf
+    assert skydiff.template_coverage(skydiff.Exposure(image, variance=np.ones((8, 16), np.float32)),
+                             template) == 1.0 - 1.0 / 128
