@@ -124,8 +124,8 @@ def count_sources(inputs: skydiff.MetricInputs, *, threshold: float,
 
 
 @skydiff.configclass
-class SourceCountConfig(skydiff.Config):
-    """Options of the ``source_count`` metric."""
+class ScienceSourcesConfig(skydiff.Config):
+    """How science sources are found when no ``science_sources`` table is given."""
 
     detection_threshold: float = skydiff.RangeField(
         5.0, min=0.0, inclusive_min=False,
@@ -134,6 +134,11 @@ class SourceCountConfig(skydiff.Config):
     bad_planes: tuple[str, ...] = skydiff.ListField(
         list(skydiff.DEFAULT_BAD_PLANES), dtype=str,
         doc="Mask planes skydiff.find_stars treats as bad when it detects science sources.")
+
+
+@skydiff.configclass
+class SourceCountConfig(ScienceSourcesConfig):
+    """Options of the ``source_count`` metric."""
 
 
 class SourceCountMetric(skydiff.Metric):
@@ -182,16 +187,8 @@ class SourceCountMetric(skydiff.Metric):
 
 
 @skydiff.configclass
-class DiaFractionConfig(skydiff.Config):
+class DiaFractionConfig(ScienceSourcesConfig):
     """Options of the ``dia_fraction`` metric."""
-
-    detection_threshold: float = skydiff.RangeField(
-        5.0, min=0.0, inclusive_min=False,
-        doc="Matched-filter S/N threshold of skydiff.find_stars on the science image, used "
-            "only when no science_sources table is given.")
-    bad_planes: tuple[str, ...] = skydiff.ListField(
-        list(skydiff.DEFAULT_BAD_PLANES), dtype=str,
-        doc="Mask planes skydiff.find_stars treats as bad when it detects science sources.")
 
 
 class DiaFractionMetric(skydiff.Metric):
